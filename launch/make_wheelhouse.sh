@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Build a folder of wheels so the toolkit installs on an air-gapped GPU node (no network) with:
+#   pip install --no-index --find-links WHEELHOUSE --no-deps WHEELHOUSE/deepspeed-*.whl
+#   pip install --no-index --find-links WHEELHOUSE -r WHEELHOUSE/requirements-offline.txt
+# The node is assumed to carry torch (CUDA build), accelerate, peft, transformers, numpy (as NVIDIA / cloud images do).
+#
+# Usage: bash launch/make_wheelhouse.sh [OUT_DIR=.whl] [--python 3.12] [--platform manylinux_2_28_x86_64] [--minimal]
+#   --minimal   only what training and the benchmarks need (deepspeed, webdataset, diffusers + dependencies);
+#               skips wandb and av (about 60 MB), e.g. to fit a 64 MiB transfer limit.
+set -euo pipefail
+OUT=.whl; PYVER=3.12; PLATFORM=manylinux_2_28_x86_64; MINIMAL=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --python) PYVER=$2; shift 2 ;;
+    --platform) PLATFORM=$2; shift 2 ;;
+    --minimal) MINIMAL=1; shift ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) OUT=$1; shift ;;
+  esac
+done
+ABI="cp${PYVER/./}"
+mkdir -p "$OUT"
+# deepspeed is source-only on PyPI; its wheel is pure Python (ops are JIT-built on first use, none are needed here).
+pip wheel --quiet --no-deps "deepspeed==0.19.8" -w "$OUT"
+pkgs=("webdataset==1.0.2" "diffusers==0.42.1" "hjson" "pydantic>=2" "braceexpand" "importlib_metadata")
+[ "$MINIMAL" = 1 ] || pkgs+=("wandb==0.31.0" "av==18.1.0")
+# Dependencies the node already has are not downloaded again: exclude the big ones by pinning them out.
+pip download --quiet --only-binary=:all: --python-version "$PYVER" --implementation cp --abi "$ABI" \
+  --platform "$PLATFORM" --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any \
+  --no-deps -d "$OUT" "${pkgs[@]}" annotated-types pydantic-core typing-inspection
+if [ "$MINIMAL" = 0 ]; then
+  pip download --quiet --only-binary=:all: --python-version "$PYVER" --implementation cp --abi "$ABI" \
+    --platform "$PLATFORM" --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any \
+    --no-deps -d "$OUT" gitpython gitdb smmap sentry-sdk platformdirs
+fi
+printf '%s\n' "${pkgs[@]}" > "$OUT/requirements-offline.txt"
+du -sh "$OUT"
+ls "$OUT"

@@ -1,0 +1,150 @@
+"""The DiT's own behaviour: shapes, input checks, the attention hook, activation checkpointing, layering."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from toolkit.model import build_dit
+from toolkit.model.attention import SDPAttention
+from toolkit.parallel.checkpointing import apply_activation_checkpointing
+
+ROOT = Path(__file__).resolve().parents[2]
+FORBIDDEN = ("torch.distributed", "deepspeed", "peft", "accelerate", "wandb", "diffusers", "transformers")
+
+
+def _inputs(B=2, T=3, H=8, W=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 16, T, H, W, generator=g)
+    t = torch.rand(B, T, generator=g)
+    text = torch.randn(B, 512, 1024, generator=g)
+    mask = torch.zeros(B, 1, T, H, W)
+    mask[:, :, :1] = 1
+    return x, t, text, mask
+
+
+def test_model_package_imports_no_system_library():
+    offenders = []
+    for path in (ROOT / "toolkit" / "model").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith(FORBIDDEN)]
+    assert not offenders, f"toolkit/model must stay plain PyTorch: {offenders}"
+
+
+def test_forward_shape_and_determinism():
+    torch.manual_seed(0)
+    model = build_dit("tiny")
+    x, t, text, mask = _inputs(T=5, H=6, W=10)
+    out = model(x, t, text, mask)
+    assert out.shape == x.shape
+    assert torch.equal(out, model(x, t, text, mask))
+    assert model.attention.backend_used == "cpu-default"
+
+
+def test_condition_mask_and_padding_mask_change_the_output():
+    torch.manual_seed(0)
+    model = build_dit("tiny")
+    x, t, text, mask = _inputs()
+    base = model(x, t, text, mask)
+    assert not torch.allclose(base, model(x, t, text, torch.zeros_like(mask)))
+    padding = torch.ones(2, 1, 64, 96)
+    assert not torch.allclose(base, model(x, t, text, mask, padding))
+    assert torch.equal(base, model(x, t, text, mask, torch.zeros(2, 1, 64, 96)))
+
+
+def test_per_frame_timesteps_modulate_each_frame():
+    torch.manual_seed(0)
+    model = build_dit("tiny")
+    x, t, text, mask = _inputs()
+    t2 = t.clone()
+    t2[:, 2] += 0.3
+    a, b = model(x, t, text, mask), model(x, t2, text, mask)
+    assert not torch.allclose(a, b)
+
+
+def test_bad_latent_shape_names_the_problem():
+    model = build_dit("tiny")
+    x, t, text, mask = _inputs(H=7)
+    with pytest.raises(ValueError, match="divisible by the patch sizes"):
+        model(x, t, text)
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ValueError, match="2B, 14B, tiny"):
+        build_dit("7B")
+
+
+def test_attention_hook_is_used_by_every_attention_layer():
+    model = build_dit("tiny")
+    calls = []
+
+    def recording(q, k, v):
+        calls.append(q.shape)
+        return SDPAttention("math")(q, k, v)
+
+    for block in model.blocks:
+        block.self_attn.attention_fn = recording
+        block.cross_attn.attention_fn = recording
+    model(*_inputs())
+    assert len(calls) == 2 * len(model.blocks)
+
+
+def test_math_backend_equals_default():
+    torch.manual_seed(0)
+    model = build_dit("tiny")
+    inputs = _inputs()
+    ref = model(*inputs)
+    model.attention.backend = "math"
+    torch.testing.assert_close(model(*inputs), ref, rtol=1e-5, atol=1e-6)
+    assert model.attention.backend_used == "math"
+    with pytest.raises(ValueError, match="choose one of"):
+        SDPAttention("fast")
+
+
+class _CountAttention(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "scaled_dot_product" in str(func) and "backward" not in str(func):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("policy,runs_per_layer", [("none", 1), ("full", 2), ("selective", 1)])
+def test_activation_checkpointing_same_gradients_and_recompute_policy(policy, runs_per_layer):
+    torch.manual_seed(0)
+    reference = build_dit("tiny")
+    model = build_dit("tiny")
+    model.load_state_dict(reference.state_dict())
+    assert apply_activation_checkpointing(model, policy) == (0 if policy == "none" else len(model.blocks))
+    inputs = _inputs()
+    reference(*inputs).square().mean().backward()
+    with _CountAttention() as counter:
+        model(*inputs).square().mean().backward()
+    for p_ref, p in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-7)
+    assert counter.count == runs_per_layer * 2 * len(model.blocks)
+    assert list(model.state_dict()) == list(reference.state_dict())
+
+
+def test_activation_checkpointing_rejects_unknown_policy_and_double_application():
+    model = build_dit("tiny")
+    with pytest.raises(ValueError, match="none, full, selective"):
+        apply_activation_checkpointing(model, "some")
+    apply_activation_checkpointing(model, "full")
+    with pytest.raises(RuntimeError, match="already applied"):
+        apply_activation_checkpointing(model, "full")
+
+
+def test_meta_build_allocates_nothing():
+    model = build_dit("2B", device="meta")
+    assert all(p.is_meta for p in model.parameters())
