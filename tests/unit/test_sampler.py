@@ -129,6 +129,8 @@ def test_guided_denoise_formula_keeps_conditioning_frames():
     torch.testing.assert_close(guided, 8.0 * cond - 7.0 * uncond, rtol=1e-5, atol=1e-5)
     conditional = mask.expand_as(clean).bool()
     assert torch.equal(guided[conditional], clean[conditional])
+    batched = guided_denoise_fn(TextNet(), clean, mask, text_cond, text_uncond, 7.0, cfg, batch_branches=True)(x_sigma, 3.0)
+    torch.testing.assert_close(batched, guided, rtol=1e-6, atol=1e-6)
     unguided = guided_denoise_fn(TextNet(), clean, mask, text_cond, text_uncond, 0.0, cfg)(x_sigma, 3.0)
     assert torch.equal(unguided, cond)
 

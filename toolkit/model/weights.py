@@ -264,7 +264,10 @@ def load_dit_weights(
     )
 
 
-def _atomic_file(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Write to a temporary name in the same folder (created if needed), then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(temporary)
@@ -273,8 +276,9 @@ def _atomic_file(path: Path, write: Callable[[Path], None]) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def _atomic_folder(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_folder(path: Path, write: Callable[[Path], None]) -> None:
     """Write a folder under a temporary name, then swap it in (the old folder is removed after the swap)."""
+    path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
@@ -371,13 +375,13 @@ def save_dit_weights(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if format == "official":
-        _atomic_file(path, lambda p: torch.save({"net." + k: t for k, t in tensors.items()}, p))
+        atomic_file(path, lambda p: torch.save({"net." + k: t for k, t in tensors.items()}, p))
     elif format == "safetensors":
         net = {"net." + k: t for k, t in tensors.items()}
-        _atomic_file(path, lambda p: save_file(net, str(p), metadata={"format": "pt"}))
+        atomic_file(path, lambda p: save_file(net, str(p), metadata={"format": "pt"}))
     else:
         resolved = _config_for_state(tensors, config)
-        _atomic_folder(path, lambda p: _write_diffusers(p, tensors, resolved, max_shard_bytes))
+        atomic_folder(path, lambda p: _write_diffusers(p, tensors, resolved, max_shard_bytes))
     return path
 
 

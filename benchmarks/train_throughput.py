@@ -1,0 +1,270 @@
+"""LoRA training throughput on GPUs: our step, and the hand-built diffusers + PEFT baseline on the same card.
+
+One configuration per launch (one process per GPU); each writes a JSON row to benchmarks/results/. Then
+`python -m benchmarks.report` prints the table and regenerates docs/performance.md. The whole matrix:
+
+    bash benchmarks/run_gpu_matrix.sh            # every row that fits the GPUs present, then the table
+    # one row by hand:
+    torchrun --standalone --nproc_per_node=4 -m benchmarks.train_throughput --size 2B --resolution 720 --sp 4
+    python -m benchmarks.train_throughput --mode diffusers --size 2B --resolution 720
+    python -m benchmarks.train_throughput --size tiny --resolution 480 --steps 2 --warmup 1   # CPU smoke test
+
+Modes: `lora` (the toolkit's real path: apply_lora -> checkpointing -> Ulysses -> accelerate + DeepSpeed ZeRO-3,
+the Cosmos objective on precomputed-latent batches, AdamW), `fwdbwd` (the plain DiT, every weight trainable: one
+forward and backward), `diffusers` (CosmosTransformer3DModel + PEFT LoRA + diffusers gradient checkpointing, bf16 base,
+fp32 LoRA, MSE on the velocity: what a user would build by hand). Random base weights at the real sizes. The first
+step's loss on a fixed batch is recorded so SP=N can be compared with SP=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VIDEO_SIZES = {"720": (704, 1280), "480": (432, 768)}
+RANK = {"2B": 16, "14B": 32, "tiny": 8}
+EXPERIMENT = {"2B": "predict2_video2world_lora_training_2b_custom_data", "14B": "predict2_video2world_lora_training_14b_custom_data", "tiny": "tiny_demo"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["lora", "fwdbwd", "diffusers"], default="lora")
+    p.add_argument("--size", choices=["2B", "14B", "tiny"], default="2B")
+    p.add_argument("--resolution", choices=["720", "480"], default="720")
+    p.add_argument("--num_frames", type=int, default=93)
+    p.add_argument("--sp", type=int, default=1, help="sequence-parallel size (launch this many processes per SP group)")
+    p.add_argument("--checkpointing", default="selective", choices=["none", "full", "selective", "auto"])
+    p.add_argument("--attention_backend", default="auto")
+    p.add_argument("--ds_config", default="", help="DeepSpeed JSON (default: the size's file)")
+    p.add_argument("--steps", type=int, default=3, help="measured steps")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--tag", default="", help="extra label for the row (e.g. before/after a change)")
+    p.add_argument("--out", default="", help="JSON path (default benchmarks/results/train_<row>.json)")
+    return p
+
+
+def _latent_shape(args) -> tuple[int, int, int, int]:
+    h, w = (64, 96) if args.size == "tiny" else VIDEO_SIZES[args.resolution]
+    frames = 9 if args.size == "tiny" else args.num_frames
+    return 16, 1 + (frames - 1) // 4, h // 8, w // 8
+
+
+def _batch(shape, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(1, *shape, generator=g)
+    text = torch.randn(1, 512, 1024, generator=g)
+    text[:, 100:] = 0
+    return latent.to(device), text.to(device)
+
+
+def _time_steps(step_fn, warmup: int, steps: int, device) -> tuple[list[float], list[float]]:
+    times, losses = [], []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = step_fn(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        losses.append(float(loss))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times, losses
+
+
+def run_lora(args) -> dict:
+    from toolkit.config import load_run_config
+    from toolkit.diffusion import training_loss
+    from toolkit.ds_config import resolve_ds_config
+    from toolkit.lora.apply import lora_named_parameters
+    from toolkit.parallel.engine import build_engine
+    from toolkit.parallel.topology import init_distributed
+    from toolkit.train.build import assemble_model
+    from toolkit.train.loop import step_generator
+    from toolkit.train.optim import build_optimizer
+
+    topo = init_distributed(args.sp)
+    overrides = [
+        "model.config.allow_random_base=true", "model.config.dit_path=", f"model_parallel.context_parallel_size={args.sp}",
+        "dataloader_train.batch_size=1", f"model.config.activation_checkpointing={args.checkpointing}",
+        f"model.config.attention_backend={args.attention_backend}", f"model.config.lora_rank={RANK[args.size]}",
+        f"model.config.lora_alpha={RANK[args.size]}",
+    ]
+    if args.size != "tiny":
+        height, width = VIDEO_SIZES[args.resolution]
+        overrides += [f"model.config.resolution={args.resolution}", f"model.config.num_frames={args.num_frames}",
+                      f"dataloader_train.dataset.video_size=[{height},{width}]"]
+    if args.ds_config:
+        overrides.append(f"trainer.ds_config={args.ds_config}")
+    cfg = load_run_config(EXPERIMENT[args.size], None, overrides)
+    ds_config = resolve_ds_config(cfg, topo.world_size)
+    build_start = time.perf_counter()
+    assembled = assemble_model(cfg, topo, ds_config)
+    params = [p for _, p in lora_named_parameters(assembled.model)]
+    o = cfg.optimizer
+    optimizer = build_optimizer(params, o.lr, o.weight_decay, o.betas, o.eps)
+    _, engine, _, _ = build_engine(assembled.model, optimizer, None, ds_config, topo.device)
+    build_seconds = time.perf_counter() - build_start
+    split = assembled.model.sequence_parallel.split if assembled.sp_size > 1 else None
+    latent, text = _batch(_latent_shape(args), topo.device, seed=topo.dp_rank)
+
+    def step(i: int) -> float:
+        loss, _ = training_loss(engine, latent, text, cfg.model.objective, step_generator(0, topo.dp_rank, 0, 0, topo.device), split)
+        engine.backward(loss)
+        engine.step()
+        value = loss.detach().float()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(value)
+            value /= topo.world_size
+        return value.item()
+
+    if topo.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = _time_steps(step, args.warmup, args.steps, topo.device)
+    return {
+        "world_size": topo.world_size, "dp": topo.dp_size, "sp": assembled.sp_size, "zero_stage": ds_config["zero_optimization"]["stage"],
+        "checkpointing": assembled.checkpointing, "attention_backend": assembled.model.attention.backend_used,
+        "times": times, "first_loss": losses[0], "losses": losses, "build_seconds": build_seconds,
+        "trainable_parameters": assembled.lora.trainable_parameters, "is_main": topo.is_main, "device": topo.device,
+    }
+
+
+def run_fwdbwd(args) -> dict:
+    from toolkit.model import build_dit
+    from toolkit.parallel.checkpointing import apply_activation_checkpointing
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_dit(args.size, device=device, dtype=dtype, attention_backend=args.attention_backend)
+    apply_activation_checkpointing(model, args.checkpointing)
+    latent, text = _batch(_latent_shape(args), device)
+    t = torch.full((1, latent.shape[2]), 0.5, device=device)
+    mask = torch.zeros_like(latent[:, :1])
+
+    def step(i: int) -> float:
+        out = model(latent, t, text, mask)
+        loss = out.float().square().mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss.item()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = _time_steps(step, args.warmup, args.steps, device)
+    return {"world_size": 1, "dp": 1, "sp": 1, "zero_stage": 0, "checkpointing": args.checkpointing,
+            "attention_backend": model.attention.backend_used, "times": times, "first_loss": losses[0], "losses": losses,
+            "is_main": True, "device": device}
+
+
+def run_diffusers(args) -> dict:
+    from diffusers import CosmosTransformer3DModel
+    from peft import LoraConfig
+
+    from toolkit.model import resolve_dit_config
+    from toolkit.model.keymap import diffusers_config_for
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = diffusers_config_for(resolve_dit_config(args.size)) | {"concat_padding_mask": False, "in_channels": 18}
+    model = CosmosTransformer3DModel(**config).to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model.requires_grad_(False)
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+    model.add_adapter(LoraConfig(r=RANK[args.size], lora_alpha=RANK[args.size], target_modules=targets, init_lora_weights=True))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.enable_gradient_checkpointing()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    latent, text = _batch(_latent_shape(args), device)
+    dtype = next(model.parameters()).dtype
+    masks = torch.zeros(1, 2, *latent.shape[2:], device=device, dtype=dtype)
+    t = torch.full((1, 1, latent.shape[2], 1, 1), 0.5, device=device, dtype=dtype)
+
+    def step(i: int) -> float:
+        out = model(hidden_states=latent.to(dtype), timestep=t, encoder_hidden_states=text.to(dtype), condition_mask=masks, return_dict=False)[0]
+        loss = (out.float() - latent).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = _time_steps(step, args.warmup, args.steps, device)
+    return {"world_size": 1, "dp": 1, "sp": 1, "zero_stage": 0, "checkpointing": "diffusers-full",
+            "attention_backend": "sdpa-default", "times": times, "first_loss": losses[0], "losses": losses,
+            "is_main": True, "device": device}
+
+
+def finish_row(args, result: dict) -> dict:
+    from toolkit.model import resolve_dit_config
+    from toolkit.train.metrics import H100_BF16_DENSE_FLOPS, mfu, num_tokens, sample_flops
+
+    device = result.pop("device")
+    _, t, h, w = _latent_shape(args)
+    tokens = num_tokens(resolve_dit_config(args.size), t, h, w)
+    flops = sample_flops(resolve_dit_config(args.size), tokens)
+    step_flops = (flops.lora_step if args.mode != "fwdbwd" else 3 * flops.forward) * result["dp"]
+    median = statistics.median(result["times"])
+    row = {
+        "mode": args.mode, "size": args.size, "resolution": args.resolution, "num_frames": args.num_frames, "tokens": tokens,
+        "tag": args.tag, **{k: v for k, v in result.items() if k != "is_main"},
+        "median_s_per_iter": median, "samples_per_s": result["dp"] / median,
+        "tokens_per_s_per_gpu": result["dp"] * tokens / median / result["world_size"],
+        "pflop_per_step": step_flops / 1e15,
+        "mfu": mfu(step_flops, median, result["world_size"], H100_BF16_DENSE_FLOPS),
+    }
+    if device.type == "cuda":
+        row.update(
+            peak_allocated_gib=torch.cuda.max_memory_allocated(device) / 2**30,
+            peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30,
+            gpu=torch.cuda.get_device_name(device), torch=torch.__version__,
+            driver=_driver(),
+        )
+    try:
+        import deepspeed
+
+        row["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        pass
+    return row
+
+
+def _driver() -> str:
+    try:
+        import subprocess
+
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True).stdout.split("\n")[0]
+    except OSError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from toolkit.compat import silence_known_library_warnings
+
+    silence_known_library_warnings()
+    runner = {"lora": run_lora, "fwdbwd": run_fwdbwd, "diffusers": run_diffusers}[args.mode]
+    result = runner(args)
+    is_main = result["is_main"]
+    row = finish_row(args, result)
+    if is_main:
+        name = f"train_{args.mode}_{args.size}_{args.resolution}p_sp{row['sp']}_w{row['world_size']}_{row['checkpointing']}{('_' + args.tag) if args.tag else ''}"
+        path = Path(args.out) if args.out else RESULTS / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(row, indent=2) + "\n")
+        print(f"RESULT {name}: {row['median_s_per_iter']:.3f} s/it, MFU {row['mfu']:.1%}, "
+              f"peak {row.get('peak_allocated_gib', 0):.1f} GiB, backend {row['attention_backend']}, first loss {row['first_loss']:.6f}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

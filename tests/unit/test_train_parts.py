@@ -1,0 +1,122 @@
+"""Pieces of the trainer: the lambdalinear schedule, the power EMA, resume checks, the dry-run plan, LoRA stats."""
+
+import math
+
+import pytest
+import torch
+
+from toolkit.config import load_run_config
+from toolkit.lora.apply import LoraTargetError, apply_lora
+from toolkit.model import build_dit
+from toolkit.train.loop import check_resume_compatible, step_generator
+from toolkit.train.optim import LambdaLinear, PowerEMA, power_ema_gamma
+from toolkit.train.plan import describe_plan, estimate_memory
+
+
+def test_lambdalinear_matches_the_upstream_definition():
+    schedule = LambdaLinear([10, 0], [100, 50], [1e-6, 0.5], [1.0, 0.5], [0.1, 0.0])
+    for n in range(0, 151):
+        if n <= 100:
+            m = n
+            expected = 1e-6 + (1.0 - 1e-6) * m / 10 if m < 10 else 0.1 + (1.0 - 0.1) * (100 - m) / 90
+        else:
+            m = n - 100
+            expected = 0.0 + (0.5 - 0.0) * (50 - m) / 50
+        assert math.isclose(schedule(n), expected, rel_tol=1e-12, abs_tol=1e-15), n
+    guide = LambdaLinear([0], [2000], [1e-6], [0.6], [0.0])
+    assert guide(0) == pytest.approx(0.6) and guide(1000) == pytest.approx(0.3) and guide(2000) == 0.0
+
+
+def test_lambdalinear_refuses_steps_past_the_last_cycle():
+    with pytest.raises(ValueError, match="extend scheduler.cycle_lengths"):
+        LambdaLinear([0], [100], [1e-6], [1.0], [0.0])(101)
+    with pytest.raises(ValueError, match="one entry per cycle"):
+        LambdaLinear([0, 0], [100], [1e-6], [1.0], [0.0])
+
+
+def test_power_ema_gamma_and_betas():
+    gamma = power_ema_gamma(0.1)
+    assert abs(gamma**3 + 7 * gamma**2 + (16 - 100) * gamma + (12 - 100)) < 1e-9
+    assert gamma == pytest.approx(6.9372, abs=1e-4)
+    ema = PowerEMA([torch.zeros(2)], 0.1)
+    assert ema.beta(0) == 0.0
+    for n, value in ((1, 0.0041), (10, 0.469), (100, 0.924), (1000, 0.992)):
+        assert ema.beta(n) == pytest.approx(value, abs=6e-4)
+
+
+def test_power_ema_update_is_the_weighted_average():
+    param = torch.tensor([1.0, 2.0])
+    ema = PowerEMA([param], 0.1)
+    ema.update([param], 0)
+    assert torch.equal(ema.shadow[0], param)
+    new = torch.tensor([3.0, 6.0])
+    ema.update([new], 5)
+    beta = (1 - 1 / 6) ** (ema.gamma + 1)
+    torch.testing.assert_close(ema.shadow[0], beta * param + (1 - beta) * new)
+
+
+def test_resume_refuses_changes_that_matter():
+    cfg = load_run_config("tiny_demo", None, []).to_dict()
+    check_resume_compatible(cfg, cfg, 1, 1)
+    changed = load_run_config("tiny_demo", None, ["model.config.lora_rank=4"]).to_dict()
+    with pytest.raises(ValueError, match="model.config.lora_rank: checkpoint 8, now 4"):
+        check_resume_compatible(cfg, changed, 1, 1)
+    with pytest.raises(ValueError, match="world size: checkpoint 2, now 1"):
+        check_resume_compatible(cfg, cfg, 1, 2)
+
+
+def test_step_generator_depends_on_seed_rank_and_step_only():
+    def draw(*key):
+        return torch.rand(3, generator=step_generator(*key, torch.device("cpu")))
+
+    assert torch.equal(draw(0, 1, 5, 0), draw(0, 1, 5, 0))
+    assert not torch.equal(draw(0, 1, 5, 0), draw(0, 0, 5, 0))
+    assert not torch.equal(draw(0, 1, 5, 0), draw(0, 1, 6, 0))
+
+
+def test_lora_stats_match_upstream_counts_and_bad_targets_fail_clearly():
+    stats = apply_lora(build_dit("2B", device="meta"), 16, 16, ["q_proj", "k_proj", "v_proj", "output_proj", "mlp.layer1", "mlp.layer2"])
+    assert stats.trainable_parameters == 22_937_600 and stats.total_parameters == 1_956_413_440
+    assert stats.lines()[0] == "Total parameters: 1,956,413,440"
+    with pytest.raises(LoraTargetError, match="No parameters found for LoRA adaptation.*closest"):
+        apply_lora(build_dit("tiny"), 4, 4, ["norm1", "norm2"])
+
+
+def test_fresh_adapter_is_identity_and_lora_weights_are_fp32():
+    torch.manual_seed(0)
+    model = build_dit("tiny")
+    x = torch.randn(1, 16, 3, 8, 8), torch.rand(1, 3), torch.randn(1, 512, 1024)
+    before = model(*x)
+    apply_lora(model, 4, 4, ["q_proj", "mlp.layer1"])
+    assert torch.equal(model(*x), before)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+
+
+def test_dry_run_plan_lines_and_memory_estimate_orders():
+    cfg = load_run_config("predict2_video2world_lora_training_14b_custom_data", None, [])
+    lines = describe_plan(cfg, 8)
+    assert lines[0].startswith("model 14B: Total parameters: 14,265,285,632; Trainable LoRA parameters: 143,917,056")
+    assert "84,480 tokens" in lines[1] and "data-parallel 2 x sequence-parallel 4" in lines[2]
+    none, selective, full = (estimate_memory(cfg, 8, p).total_bytes for p in ("none", "selective", "full"))
+    assert none > selective > full
+    assert any("does NOT fit" in line for line in lines) and any("(fits" in line for line in lines)
+
+
+def test_file_fingerprint_tracks_content_for_files_and_folders(tmp_path):
+    from toolkit.model.identity import FINGERPRINT_BYTES, file_fingerprint
+
+    big = tmp_path / "model.pt"
+    big.write_bytes(bytes(FINGERPRINT_BYTES * 2 + 10))
+    first = file_fingerprint(big)
+    assert first["size"] == FINGERPRINT_BYTES * 2 + 10 and first["file_name"] == "model.pt"
+    data = bytearray(big.read_bytes())
+    data[-1] = 1  # the tail is hashed
+    big.write_bytes(bytes(data))
+    assert file_fingerprint(big)["sha256_head_tail"] != first["sha256_head_tail"]
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    before = file_fingerprint(folder)
+    (folder / "config.json").write_text('{"a": 1}')
+    assert file_fingerprint(folder)["sha256_head_tail"] != before["sha256_head_tail"]

@@ -1,0 +1,5 @@
+import sys
+
+from toolkit.train.cli import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""Model assembly for training, in one documented order.
+
+1. build the DiT: on the meta device and load the base weights by assignment (no second copy), or random weights
+   on the device for benchmarks and the tiny demo; the 14B under `deepspeed.zero.Init` on several GPUs, so no rank
+   ever holds all 28 GB (its weights are then loaded block by block from a memory-mapped file);
+2. inject LoRA with PEFT, after any `zero.Init` (trap 2: inside it lora_B would not be zero) and after the base
+   weights (PEFT wraps the loaded Linears); everything else frozen;
+3. activation checkpointing per block (it wraps block forwards, so it must see the PEFT-wrapped Linears);
+4. Ulysses sequence parallelism (replaces the self-attention call and the time split hook);
+5. `accelerator.prepare` with the DeepSpeed plugin (partitions parameters, builds the engine) - done by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from toolkit.config import RunConfig, resolved_lora_targets
+from toolkit.lora.apply import LoraStats, apply_lora
+from toolkit.model import CosmosDiT, build_dit, resolve_dit_config
+from toolkit.model.identity import file_fingerprint
+from toolkit.parallel.checkpointing import apply_activation_checkpointing
+from toolkit.parallel.topology import Topology
+from toolkit.parallel.ulysses import apply_sequence_parallel
+
+def model_dtype(ds_config: dict) -> torch.dtype:
+    return torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+
+
+def _use_zero_init(cfg: RunConfig, topology: Topology, ds_config: dict) -> bool:
+    # The 14B must never be whole on one rank; `tiny` takes the same path so CPU tests exercise it.
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    return cfg.model.model_size in ("14B", "tiny") and stage == 3 and topology.world_size > 1
+
+
+def build_base_dit(cfg: RunConfig, topology: Topology, ds_config: dict) -> tuple[CosmosDiT, dict]:
+    """Step 1: the DiT with base weights; returns it and the base checkpoint's identity."""
+    from toolkit.model.weights import load_dit_weights
+
+    config = resolve_dit_config(cfg.model.model_size).replace(rope_bf16=cfg.model.rope_bf16)
+    dtype = model_dtype(ds_config)
+    backend = cfg.model.attention_backend
+    if _use_zero_init(cfg, topology, ds_config):
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+            model = CosmosDiT(config, attention_backend=backend)
+        if cfg.model.dit_path:
+            _load_partitioned(model, cfg.model.dit_path, topology)
+    elif cfg.model.dit_path:
+        model = build_dit(config, device="meta", attention_backend=backend)
+        load_dit_weights(model, cfg.model.dit_path)
+        model = model.to(device=topology.device, dtype=dtype)
+    else:
+        torch.manual_seed(cfg.job.seed)
+        model = build_dit(config, device=topology.device, dtype=dtype, attention_backend=backend)
+    identity = file_fingerprint(cfg.model.dit_path) if cfg.model.dit_path else {"file_name": None, "random_seed": cfg.job.seed}
+    identity["model_size"] = cfg.model.model_size
+    return model, identity
+
+
+def _load_partitioned(model: CosmosDiT, path: str, topology: Topology) -> None:
+    """Load base weights into a zero.Init-partitioned model: rank 0 reads (mmap), each module is gathered and filled."""
+    import deepspeed
+
+    from toolkit.model.weights import open_resolved
+
+    source, resolved = open_resolved(path)
+    missing = sorted(name for name, _ in model.named_parameters() if name not in resolved.entries)
+    if missing:
+        raise ValueError(f"{path}: missing {len(missing)} DiT weights, e.g. {missing[:5]}; check it with python -m toolkit.inspect {path}")
+    for name, module in model.named_modules():
+        params = list(module.named_parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+            if topology.is_main:
+                for pname, p in params:
+                    p.data.copy_(source.read(resolved.entries[f"{name}.{pname}" if name else pname]))
+
+
+@dataclass
+class AssembledModel:
+    model: CosmosDiT
+    base_identity: dict
+    lora: LoraStats
+    checkpointing: str
+    sp_size: int
+
+
+def choose_checkpointing(cfg: RunConfig, topology: Topology) -> str:
+    """`auto`: none on CPU; on GPU the cheapest policy the memory plan fits in 90% of the card (none, then selective,
+    which keeps attention outputs, then full recompute)."""
+    policy = cfg.model.activation_checkpointing
+    if policy != "auto":
+        return policy
+    if topology.device.type != "cuda":
+        return "none"
+    from toolkit.train.plan import estimate_memory
+
+    total = torch.cuda.get_device_properties(topology.device).total_memory
+    for candidate in ("none", "selective"):
+        if estimate_memory(cfg, topology.world_size, candidate).total_bytes < 0.9 * total:
+            return candidate
+    return "full"
+
+
+def assemble_model(cfg: RunConfig, topology: Topology, ds_config: dict) -> AssembledModel:
+    """Steps 1 to 4 of the module docstring, in that order."""
+    model, identity = build_base_dit(cfg, topology, ds_config)
+    stats = apply_lora(
+        model,
+        rank=cfg.model.lora_rank,
+        alpha=cfg.model.lora_alpha,
+        targets=resolved_lora_targets(cfg),
+        init_lora_weights=cfg.model.init_lora_weights,
+        dropout=cfg.model.lora_dropout,
+    )
+    if not _use_zero_init(cfg, topology, ds_config):
+        model.to(topology.device)
+    policy = choose_checkpointing(cfg, topology)
+    apply_activation_checkpointing(model, policy)
+    sp = apply_sequence_parallel(model, topology.sp_group) if topology.sp_size > 1 else 1
+    return AssembledModel(model, identity, stats, policy, sp)

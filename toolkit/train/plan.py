@@ -1,0 +1,100 @@
+"""The run plan printed by `--dry-run`: parameters, tokens, layout, FLOPs and a per-GPU memory estimate.
+
+Memory model (bytes per GPU), checked against measured peaks in docs/performance.md:
+- frozen base: 2 bytes/param (bf16) divided over the ZeRO-3 group, plus the gathered working set (one block at a
+  time, prefetch included: about three blocks);
+- LoRA: bf16 param + fp32 master + fp32 grad + two fp32 Adam moments = 18 bytes/param over the group, plus the fp32
+  EMA copy (4 bytes/param, whole on every rank);
+- activations on this rank's tokens S = L / sp, per block: `none` keeps everything (about 43 D bytes per token,
+  measured as ~210 GB for the 2B at 720p), `full` keeps the block input (2 D), `selective` the input and the two
+  attention outputs (6 D); recomputation needs one block's full set (43 D) on top;
+- a fixed allowance for the CUDA context, allocator slack and workspace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from toolkit.config import RunConfig
+from toolkit.model import build_dit, count_parameters, resolve_dit_config
+from toolkit.train.metrics import num_tokens, sample_flops
+
+GIB = 1 << 30
+KEPT_BYTES_PER_TOKEN_PER_D = {"none": 43.0, "full": 2.0, "selective": 6.0}
+RECOMPUTE_BYTES_PER_TOKEN_PER_D = 43.0
+OVERHEAD_BYTES = 3 * GIB
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    base_bytes: float
+    lora_bytes: float
+    activation_bytes: float
+    overhead_bytes: float
+
+    @property
+    def total_bytes(self) -> float:
+        return self.base_bytes + self.lora_bytes + self.activation_bytes + self.overhead_bytes
+
+    def describe(self) -> str:
+        parts = (("base", self.base_bytes), ("LoRA+optimizer+EMA", self.lora_bytes), ("activations", self.activation_bytes), ("overhead", self.overhead_bytes))
+        return ", ".join(f"{name} {value / GIB:.1f}" for name, value in parts) + f" -> {self.total_bytes / GIB:.1f} GiB"
+
+
+def parameter_counts(cfg: RunConfig) -> tuple[int, int, int]:
+    """(total base parameters, trainable LoRA parameters, base parameters per block), on the meta device."""
+    from toolkit.config import resolved_lora_targets
+    from toolkit.lora.apply import apply_lora
+
+    model = build_dit(cfg.model.model_size, device="meta")
+    total, per_block = count_parameters(model), count_parameters(model.blocks[0])
+    stats = apply_lora(model, cfg.model.lora_rank, cfg.model.lora_alpha, resolved_lora_targets(cfg))
+    return total, stats.trainable_parameters, per_block
+
+
+def estimate_memory(cfg: RunConfig, world_size: int, policy: str, zero_stage: int = 3) -> MemoryEstimate:
+    config = resolve_dit_config(cfg.model.model_size)
+    total, lora, per_block = parameter_counts(cfg)
+    shard = world_size if zero_stage == 3 else 1
+    base = 2 * total / shard + (3 * 2 * per_block if shard > 1 else 0)  # + gathered blocks, prefetch included
+    lora_bytes = 18 * lora / (world_size if zero_stage >= 1 else 1) + 4 * lora
+    _, t, h, w = cfg.latent_shape()
+    tokens = num_tokens(config, t, h, w) * cfg.dataloader_train.batch_size / cfg.model_parallel.context_parallel_size
+    d, blocks = config.model_channels, config.num_blocks
+    kept = KEPT_BYTES_PER_TOKEN_PER_D[policy] * d * tokens * blocks
+    working = RECOMPUTE_BYTES_PER_TOKEN_PER_D * d * tokens if policy != "none" else 0.0
+    return MemoryEstimate(base, lora_bytes, kept + working, OVERHEAD_BYTES)
+
+
+def describe_plan(cfg: RunConfig, world_size: int, gpu_memory_bytes: float = 80e9, policy: str | None = None) -> list[str]:
+    """The lines `--dry-run` prints."""
+    config = resolve_dit_config(cfg.model.model_size)
+    total, lora, _ = parameter_counts(cfg)
+    sp = cfg.model_parallel.context_parallel_size
+    dp = world_size // sp
+    c, t, h, w = cfg.latent_shape()
+    tokens = num_tokens(config, t, h, w)
+    batch = cfg.dataloader_train.batch_size
+    global_batch = batch * dp * cfg.trainer.grad_accum_iter
+    flops = sample_flops(config, tokens).lora_step * global_batch
+    lines = [
+        f"model {cfg.model.model_size}: Total parameters: {total:,}; Trainable LoRA parameters: {lora:,}; "
+        f"LoRA parameter ratio: {100 * lora / total:.2f}%",
+        f"sample: {cfg.model.num_frames} frames at {cfg.dataloader_train.dataset.video_size} -> latent {c}x{t}x{h}x{w} -> {tokens:,} tokens",
+        f"layout: {world_size} GPUs = data-parallel {dp} x sequence-parallel {sp}; micro-batch {batch}, "
+        f"accumulation {cfg.trainer.grad_accum_iter}, global batch {global_batch}",
+        f"FLOPs per optimizer step: {flops / 1e15:.2f} PFLOP (model FLOPs, recompute not counted)",
+    ]
+    policies = [policy] if policy else ["none", "selective", "full"]
+    fits = []
+    for name in policies:
+        estimate = estimate_memory(cfg, world_size, name)
+        ok = estimate.total_bytes <= 0.95 * gpu_memory_bytes
+        fits.append((name, ok))
+        lines.append(f"memory per GPU, checkpointing={name}: {estimate.describe()} ({'fits' if ok else 'does NOT fit'} in {gpu_memory_bytes / GIB:.0f} GiB)")
+    if not any(ok for _, ok in fits):
+        lines.append(
+            "does not fit: raise model_parallel.context_parallel_size (tokens per GPU fall by sp), use more GPUs "
+            "(ZeRO-3 shards the base), lower dataloader_train.batch_size, or use resolution 480"
+        )
+    return lines
