@@ -37,6 +37,9 @@ run 2 150 $TR --nproc_per_node=2 $TT --size 2B --resolution 720 --sp 2 --steps 3
 run 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing selective --steps 3
 run 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing auto --steps 3
 run 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing auto --steps 3 --ds_config ds_configs/2b_replicated_base.json --tag replicated_base
+run 1 130 one python3 $TT --size 2B --resolution 720 --checkpointing selective --steps 3 --ds_config ds_configs/2b_replicated_base.json --tag replicated_base
+run 2 100 $TR --nproc_per_node=2 $TT --size 2B --resolution 720 --sp 2 --checkpointing selective --steps 3 --ds_config ds_configs/2b_replicated_base.json --tag replicated_base
+run 4 170 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2 --ds_config ds_configs/14b_replicated_base.json --tag replicated_base
 run 4 240 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2
 run 2 120 $TR --nproc_per_node=2 -m benchmarks.generate_throughput --size 2B --resolution 720 --sp 2 --measured_steps 2
 # LoRA generation on 1 and 2 GPUs: identical frames

@@ -6,5 +6,5 @@ set -euo pipefail
 SHARDS=${1:?give the shard folder built by python -m data_tools.build_shards}; shift
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 if [ -n "${HOSTFILE:-}" ]; then launcher=(deepspeed --hostfile "$HOSTFILE"); else launcher=(deepspeed --num_gpus "${NUM_GPUS:-8}"); fi
-exec "${launcher[@]}" -m toolkit.train --experiment predict2_video2world_lora_training_14b_custom_data \
+exec "${launcher[@]}" --module toolkit.train --experiment predict2_video2world_lora_training_14b_custom_data \
   model.config.train_architecture=lora dataloader_train.dataset.dataset_dir="$SHARDS" "$@"

@@ -6,6 +6,6 @@
 set -euo pipefail
 SHARDS=${1:?give the shard folder built by python -m data_tools.build_shards}; shift
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
-exec deepspeed --num_gpus "${NUM_GPUS:-8}" -m toolkit.train \
+exec deepspeed --num_gpus "${NUM_GPUS:-8}" --module toolkit.train \
   --experiment predict2_video2world_lora_training_2b_custom_data \
   model.config.train_architecture=lora dataloader_train.dataset.dataset_dir="$SHARDS" "$@"

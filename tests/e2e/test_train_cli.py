@@ -148,3 +148,34 @@ def test_lora_lowers_held_out_loss_against_the_base_model(shards, tmp_path):
     assert before["iteration"] == 0 and after["iteration"] == 120
     keys = [k for k in before if k != "iteration"]
     assert sum(after[k] for k in keys) < 0.9 * sum(before[k] for k in keys), (before, after, result.stdout[-2000:])
+
+
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "toolkit.train"],
+    "deepspeed": ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "{port}", "--module", "toolkit.train"],
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "{port}", "-m", "toolkit.train"],
+}
+
+
+def test_the_three_launchers_train_the_same_two_process_run(shards, tmp_path):
+    """deepspeed, torchrun and accelerate launch start the same data-parallel run: identical weights and losses."""
+    import socket
+
+    finals = {}
+    for name, prefix in LAUNCHERS.items():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        root = tmp_path / name
+        command = [sys.executable, *[part.replace("{port}", port) for part in prefix], "--experiment", "tiny_demo",
+                   f"dataloader_train.dataset.dataset_dir={shards['train']}", f"job.output_root={root}", "trainer.max_iter=3",
+                   "checkpoint.save_iter=3", "dataloader_train.batch_size=1"]
+        result = subprocess.run(command, env=worker_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"{name}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+        assert "world 2 = data-parallel 2 x sequence-parallel 1" in result.stdout, name
+        finals[name] = final_state(root)
+    (model_a, trainer_a), *others = finals.values()
+    for model_b, trainer_b in others:
+        assert trainer_a["losses"] == trainer_b["losses"]
+        assert all(torch.equal(model_a["lora"][k], model_b["lora"][k]) for k in model_a["lora"])

@@ -22,6 +22,7 @@ FILES = {  # file -> (experiment it serves, expected ZeRO stage, bf16)
     "14b.json": (GUIDE_14B, 3, True),
     "2b_replicated_base.json": (GUIDE_2B, 2, True),
     "14b_offload.json": (GUIDE_14B, 3, True),
+    "14b_replicated_base.json": (GUIDE_14B, 2, True),
     "tiny_cpu.json": ("tiny_demo", 3, False),
 }
 

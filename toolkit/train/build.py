@@ -41,6 +41,7 @@ def build_base_dit(cfg: RunConfig, topology: Topology, ds_config: dict) -> tuple
     config = resolve_dit_config(cfg.model.model_size).replace(rope_bf16=cfg.model.rope_bf16)
     dtype = model_dtype(ds_config)
     backend = cfg.model.attention_backend
+    torch.manual_seed(cfg.job.seed)  # every rank builds the same random base (zero.Init partitions local values)
     if _use_zero_init(cfg, topology, ds_config):
         import deepspeed
 
@@ -53,7 +54,6 @@ def build_base_dit(cfg: RunConfig, topology: Topology, ds_config: dict) -> tuple
         load_dit_weights(model, cfg.model.dit_path)
         model = model.to(device=topology.device, dtype=dtype)
     else:
-        torch.manual_seed(cfg.job.seed)
         model = build_dit(config, device=topology.device, dtype=dtype, attention_backend=backend)
     identity = file_fingerprint(cfg.model.dit_path) if cfg.model.dit_path else {"file_name": None, "random_seed": cfg.job.seed}
     identity["model_size"] = cfg.model.model_size
@@ -89,7 +89,7 @@ class AssembledModel:
     sp_size: int
 
 
-def choose_checkpointing(cfg: RunConfig, topology: Topology) -> str:
+def choose_checkpointing(cfg: RunConfig, topology: Topology, ds_config: dict) -> str:
     """`auto`: none on CPU; on GPU the cheapest policy the memory plan fits in 90% of the card (none, then selective,
     which keeps attention outputs, then full recompute)."""
     policy = cfg.model.activation_checkpointing
@@ -100,8 +100,9 @@ def choose_checkpointing(cfg: RunConfig, topology: Topology) -> str:
     from toolkit.train.plan import estimate_memory
 
     total = torch.cuda.get_device_properties(topology.device).total_memory
+    stage = ds_config.get("zero_optimization", {}).get("stage", 3)
     for candidate in ("none", "selective"):
-        if estimate_memory(cfg, topology.world_size, candidate).total_bytes < 0.9 * total:
+        if estimate_memory(cfg, topology.world_size, candidate, stage).total_bytes < 0.9 * total:
             return candidate
     return "full"
 
@@ -109,6 +110,7 @@ def choose_checkpointing(cfg: RunConfig, topology: Topology) -> str:
 def assemble_model(cfg: RunConfig, topology: Topology, ds_config: dict) -> AssembledModel:
     """Steps 1 to 4 of the module docstring, in that order."""
     model, identity = build_base_dit(cfg, topology, ds_config)
+    torch.manual_seed(cfg.job.seed + 1)  # the same lora_A on every rank and in every run, whatever built the base
     stats = apply_lora(
         model,
         rank=cfg.model.lora_rank,
@@ -119,7 +121,7 @@ def assemble_model(cfg: RunConfig, topology: Topology, ds_config: dict) -> Assem
     )
     if not _use_zero_init(cfg, topology, ds_config):
         model.to(topology.device)
-    policy = choose_checkpointing(cfg, topology)
+    policy = choose_checkpointing(cfg, topology, ds_config)
     apply_activation_checkpointing(model, policy)
     sp = apply_sequence_parallel(model, topology.sp_group) if topology.sp_size > 1 else 1
     return AssembledModel(model, identity, stats, policy, sp)

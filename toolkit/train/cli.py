@@ -3,10 +3,11 @@
     # one GPU (or CPU) - plain python
     python -m toolkit.train --experiment predict2_video2world_lora_training_2b_custom_data \
         dataloader_train.dataset.dataset_dir=shards/ model.config.dit_path=checkpoints/.../model-720p-16fps.pt
-    # N GPUs on one node (DeepSpeed launcher; torchrun --nproc_per_node=N and accelerate launch work the same)
-    deepspeed --num_gpus 8 -m toolkit.train --experiment predict2_video2world_lora_training_2b_custom_data \
+    # N GPUs on one node (DeepSpeed launcher; `torchrun --nproc_per_node=N -m toolkit.train` and
+    # `accelerate launch --multi_gpu --num_processes N -m toolkit.train` start the same run)
+    deepspeed --num_gpus 8 --module toolkit.train --experiment predict2_video2world_lora_training_2b_custom_data \
         model_parallel.context_parallel_size=2 dataloader_train.dataset.dataset_dir=shards/
-    # several nodes: deepspeed --hostfile launch/hostfile.example -m toolkit.train ...
+    # several nodes: deepspeed --hostfile launch/hostfile.example --module toolkit.train ...
     # the tiny CPU demo
     python -m toolkit.train --experiment tiny_demo dataloader_train.dataset.dataset_dir=outputs/demo/shards --vae tiny
     # the plan only (meta device, no GPU needed)

@@ -66,9 +66,18 @@ def estimate_memory(cfg: RunConfig, world_size: int, policy: str, zero_stage: in
     return MemoryEstimate(base, lora_bytes, kept + working, OVERHEAD_BYTES)
 
 
+def configured_zero_stage(cfg: RunConfig) -> int:
+    """The ZeRO stage of the run's DeepSpeed JSON (3 when it leaves the stage to the run config)."""
+    from toolkit.ds_config import ds_config_path, load_ds_config
+
+    stage = load_ds_config(ds_config_path(cfg)).get("zero_optimization", {}).get("stage", 3)
+    return stage if isinstance(stage, int) else (cfg.trainer.zero_stage or 3)
+
+
 def describe_plan(cfg: RunConfig, world_size: int, gpu_memory_bytes: float = 80e9, policy: str | None = None) -> list[str]:
     """The lines `--dry-run` prints."""
     config = resolve_dit_config(cfg.model.model_size)
+    stage = configured_zero_stage(cfg)
     total, lora, _ = parameter_counts(cfg)
     sp = cfg.model_parallel.context_parallel_size
     dp = world_size // sp
@@ -82,13 +91,13 @@ def describe_plan(cfg: RunConfig, world_size: int, gpu_memory_bytes: float = 80e
         f"LoRA parameter ratio: {100 * lora / total:.2f}%",
         f"sample: {cfg.model.num_frames} frames at {cfg.dataloader_train.dataset.video_size} -> latent {c}x{t}x{h}x{w} -> {tokens:,} tokens",
         f"layout: {world_size} GPUs = data-parallel {dp} x sequence-parallel {sp}; micro-batch {batch}, "
-        f"accumulation {cfg.trainer.grad_accum_iter}, global batch {global_batch}",
+        f"accumulation {cfg.trainer.grad_accum_iter}, global batch {global_batch}; ZeRO stage {stage} ({cfg.trainer.ds_config})",
         f"FLOPs per optimizer step: {flops / 1e15:.2f} PFLOP (model FLOPs, recompute not counted)",
     ]
     policies = [policy] if policy else ["none", "selective", "full"]
     fits = []
     for name in policies:
-        estimate = estimate_memory(cfg, world_size, name)
+        estimate = estimate_memory(cfg, world_size, name, stage)
         ok = estimate.total_bytes <= 0.95 * gpu_memory_bytes
         fits.append((name, ok))
         lines.append(f"memory per GPU, checkpointing={name}: {estimate.describe()} ({'fits' if ok else 'does NOT fit'} in {gpu_memory_bytes / GIB:.0f} GiB)")
