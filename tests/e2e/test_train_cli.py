@@ -179,3 +179,32 @@ def test_the_three_launchers_train_the_same_two_process_run(shards, tmp_path):
     for model_b, trainer_b in others:
         assert trainer_a["losses"] == trainer_b["losses"]
         assert all(torch.equal(model_a["lora"][k], model_b["lora"][k]) for k in model_a["lora"])
+
+
+def test_validation_videos_are_written_and_logged(shards, tmp_path):
+    from toolkit.data.video import probe_video
+
+    train(tmp_path, shards, f"dataloader_val.dataset_dir={shards['val']}", "dataloader_val.num_batches=1",
+          "dataloader_val.batch_size=1", "trainer.max_iter=2", "trainer.validation_iter=2", "wandb.log_videos=true",
+          "--vae", "tiny")
+    samples = sorted((run_folder(tmp_path) / "samples").glob("*.mp4"))
+    assert [p.name for p in samples] == ["iter_000000000.mp4", "iter_000000002.mp4"]
+    info = probe_video(samples[-1])
+    assert (info.num_frames, info.height, info.width) == (9, 64, 96)
+    offline = next((run_folder(tmp_path) / "wandb").glob("offline-run-*"))
+    _, history_keys = run_contents(next(offline.glob("*.wandb")))
+    assert any(key.startswith("val/sample") for key in history_keys)
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(shards, tmp_path):
+    result = train(tmp_path, shards, "optimizer.lr=1e30", "trainer.max_consecutive_nan_steps=2", "trainer.max_iter=8", check=False)
+    assert result.returncode != 0
+    assert "consecutive steps had a non-finite loss" in result.stderr
+
+
+def test_gradient_accumulation_runs_and_fills_the_deepspeed_batch(shards, tmp_path):
+    train(tmp_path, shards, "trainer.grad_accum_iter=2", "trainer.max_iter=2", "checkpoint.save_iter=2")
+    ds = json.loads((run_folder(tmp_path) / "ds_config.json").read_text())
+    assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 4
+    _, trainer = final_state(tmp_path)
+    assert trainer["iteration"] == 2 and len(trainer["losses"]) == 2

@@ -70,7 +70,7 @@ def _train(cfg, args, warnings_: list[str]) -> int:
     from toolkit.config import run_dir
     from toolkit.ds_config import DeepSpeedConfigError, resolve_ds_config
     from toolkit.parallel.topology import init_distributed, shutdown_distributed
-    from toolkit.train.loop import train
+    from toolkit.train.loop import NonFiniteLossError, ResumeMismatchError, train
     from toolkit.train.session import build_session
 
     topology = init_distributed(cfg.model_parallel.context_parallel_size)
@@ -92,7 +92,12 @@ def _train(cfg, args, warnings_: list[str]) -> int:
         for line in session.assembled.lora.lines():
             print(line)
         print(f"activation checkpointing: {session.assembled.checkpointing}; sequence parallel: {session.assembled.sp_size}")
-    summary = train(session, log=print if topology.is_main else (lambda *a: None))
+    try:
+        summary = train(session, log=print if topology.is_main else (lambda *a: None))
+    except (NonFiniteLossError, ResumeMismatchError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        shutdown_distributed()
+        return 1
     if topology.is_main:
         print(f"done: iteration {summary['iteration']}, checkpoints in {session.paths.root}")
         losses = [x for x in summary["losses"] if x == x]

@@ -30,6 +30,10 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps with a non-finite loss."""
 
 
+class ResumeMismatchError(ValueError):
+    """The checkpoint to resume was trained with settings that differ where it matters."""
+
+
 def step_generator(seed: int, dp_rank: int, iteration: int, micro: int, device: torch.device) -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed(((seed * 1_000_003 + dp_rank) * 1_000_033 + iteration) * 64 + micro)
@@ -52,7 +56,7 @@ def check_resume_compatible(saved: dict, current: dict, world_size: int, saved_w
     if saved_world != world_size:
         diffs.append(f"world size: checkpoint {saved_world}, now {world_size} (the data order and optimizer partitions depend on it)")
     if diffs:
-        raise ValueError(
+        raise ResumeMismatchError(
             "refusing to resume: the configuration changed in what matters:\n  " + "\n  ".join(diffs)
             + "\nstart a new run (job.name=...) or restore these values"
         )
@@ -181,10 +185,15 @@ class _Preemption:
 
 
 def run_validation(session: Session, iteration: int) -> dict:
+    """Fixed-noise validation losses (and, with wandb.log_videos, a sampled video of the first held-out clip)."""
     cfg = session.cfg
     results: dict[float, list[float]] = {}
     generator = step_generator(cfg.job.seed, 0, 10**6, 0, session.topology.device)
-    for batch in session.eval_stream:
+    for index, batch in enumerate(session.eval_stream):
+        if index == 0 and cfg.wandb.log_videos:
+            from toolkit.train.samples import sample_video
+
+            sample_video(session, batch, iteration)
         latent = _latents(session, batch)
         text = batch["t5"].to(session.topology.device)
         for sigma, value in validation_loss(session.engine, latent, text, list(cfg.dataloader_val.sigmas), cfg.model.objective, generator, session.split_fn()).items():
