@@ -11,7 +11,9 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 BEGIN, END = "<!-- BEGIN GENERATED TABLES -->", "<!-- END GENERATED TABLES -->"
-UPSTREAM_GENERATE_H100_SXM = {("2B", "720"): 228.8, ("14B", "720"): 856.9}
+UPSTREAM_GENERATE = {("2B", "720"): "228.8", ("14B", "720"): "856.9", ("2B", "480"): "79.87 (PCIe)", ("14B", "480"): "286.46 (PCIe)"}
+"""Upstream's published single-GPU times (cosmos_predict2_facts.md section 11): 720p on H100 SXM; 480p is published
+for H100 PCIe and NVL only, so the PCIe figure is shown and marked."""
 
 
 
@@ -54,9 +56,9 @@ def train_table(rows: list[dict]) -> list[str]:
 
 def generate_table(rows: list[dict]) -> list[str]:
     lines = ["| size | res | GPUs | attention | s per guided step | VAE encode s | VAE decode s | s per video (extrapolated) "
-             "| upstream s per video (1 H100 SXM) | tag |", "|" + "---|" * 10]
+             "| upstream s per video (1 H100) | tag |", "|" + "---|" * 10]
     for r in rows:
-        upstream = UPSTREAM_GENERATE_H100_SXM.get((r["size"], r["resolution"]))
+        upstream = UPSTREAM_GENERATE.get((r["size"], r["resolution"]))
         lines.append(
             f"| {r['size']} | {r['resolution']}p | {r['world_size']} | {r['attention_backend']} | {r['seconds_per_guided_step']:.2f} "
             f"| {r['vae_encode_s']:.2f} | {r['vae_decode_s']:.2f} | {r['video_s_extrapolated']:.1f} | {upstream if upstream else '-'} "

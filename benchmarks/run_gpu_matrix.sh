@@ -32,6 +32,8 @@ run 1 150 one python3 $TT --mode diffusers --size 2B --resolution 720 --steps 1
 run 1 120 one python3 $TT --size 2B --resolution 480 --checkpointing selective --steps 3
 run 1 200 one python3 $TT --size 14B --resolution 480 --checkpointing full --steps 2
 run 1 150 one python3 -m benchmarks.generate_throughput --size 2B --resolution 720 --measured_steps 2
+run 1 60 one python3 -m benchmarks.generate_throughput --size 2B --resolution 480 --measured_steps 2
+run 1 170 one python3 -m benchmarks.generate_throughput --size 14B --resolution 720 --measured_steps 1
 # 2 and 4 GPUs: Ulysses scaling (first loss must equal the SP=1 row), 14B at 720p, generation with SP=2
 run 2 150 $TR --nproc_per_node=2 $TT --size 2B --resolution 720 --sp 2 --steps 3
 run 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing selective --steps 3
