@@ -68,6 +68,9 @@ def generate_table(rows: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__).parse_args(argv)
     train, generate = _rows("train"), _rows("generate")
     machine = next((r for r in train + generate if "gpu" in r), {})
     header = [f"Measured on {machine.get('gpu', 'n/a')} (driver {machine.get('driver', 'n/a')}, torch {machine.get('torch', 'n/a')}, "

@@ -322,8 +322,9 @@ class DatasetConfig:
     """[H, W] after resizing; empty means the resolution's 16:9 size (704x1280 or 432x768)."""
     resize: Literal["stretch", "cover_crop"] = "stretch"
     """`stretch`: resize straight to video_size (upstream); `cover_crop`: keep aspect, cover, centre-crop."""
-    shuffle_buffer: int = setting(100, check=POSITIVE_INT)
-    """Samples in the streaming shuffle buffer."""
+    shuffle_buffer: int = setting(100, check=NON_NEGATIVE_INT)
+    """0 keeps the stored order; any positive value shuffles each epoch with a full seeded permutation (the loader
+    reads samples by random access, so no buffer is needed; the name is upstream-style)."""
 
     def problems(self) -> list[tuple[str, str]]:
         """Rules within the section: (field name, what is allowed)."""

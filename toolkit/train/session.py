@@ -55,6 +55,7 @@ class Session:
 
 
 def loader_spec(cfg: RunConfig, dataset_dirs, weights, batch_size: int, num_workers: int) -> LoaderSpec:
+    """The loader's view of the run config (training or validation folders)."""
     dataset = cfg.dataloader_train.dataset
     return LoaderSpec(
         dataset_dirs=list(dataset_dirs),
@@ -66,6 +67,7 @@ def loader_spec(cfg: RunConfig, dataset_dirs, weights, batch_size: int, num_work
         shuffle_buffer=dataset.shuffle_buffer,
         num_workers=num_workers,
         seed=cfg.job.seed,
+        pin_memory=cfg.dataloader_train.pin_memory,
     )
 
 
