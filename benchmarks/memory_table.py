@@ -3,7 +3,8 @@
     python -m benchmarks.memory_table [--gpu_memory_gib 80]
 
 Per cell: the cheapest activation-checkpointing policy that fits (none < selective < full) and its estimate in
-GiB, or `no` when even full recompute does not fit. The estimate is checked against measured peaks in
+GiB, or `no` when even full recompute does not fit; each size with its default DeepSpeed JSON (2B: replicated base,
+ZeRO-2; 14B: ZeRO-3). The estimate is checked against measured peaks in
 docs/performance.md.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from toolkit.config import load_run_config
-from toolkit.train.plan import estimate_memory
+from toolkit.train.plan import configured_zero_stage, estimate_memory
 
 EXPERIMENTS = {"2B": "predict2_video2world_lora_training_2b_custom_data", "14B": "predict2_video2world_lora_training_14b_custom_data"}
 SIZES = {"720": (704, 1280), "480": (432, 768)}
@@ -26,7 +27,7 @@ def cell(size: str, resolution: str, gpus: int, limit: float) -> str:
         "dataloader_train.batch_size=1",
     ])
     for policy in ("none", "selective", "full"):
-        total = estimate_memory(cfg, gpus, policy).total_bytes / 2**30
+        total = estimate_memory(cfg, gpus, policy, configured_zero_stage(cfg)).total_bytes / 2**30
         if total <= 0.95 * limit:
             return f"{policy} {total:.0f}"
     return f"no ({total:.0f})"

@@ -273,7 +273,7 @@ class TrainerConfig:
     callbacks: CallbacksConfig = setting(factory=CallbacksConfig)
     """Upstream callback settings."""
     ds_config: str = ""
-    """DeepSpeed JSON; empty means ds_configs/2b.json, 14b.json or tiny_cpu.json by model size."""
+    """DeepSpeed JSON; empty means ds_configs/2b_replicated_base.json, 14b.json or tiny_cpu.json by model size."""
     zero_stage: int | None = None
     """ZeRO stage; empty (null) takes it from the JSON, a value must agree with it (or fill an "auto")."""
     gradient_clip: float = setting(1.0, check=NON_NEGATIVE)

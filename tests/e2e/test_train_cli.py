@@ -208,3 +208,27 @@ def test_gradient_accumulation_runs_and_fills_the_deepspeed_batch(shards, tmp_pa
     assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 4
     _, trainer = final_state(tmp_path)
     assert trainer["iteration"] == 2 and len(trainer["losses"]) == 2
+
+
+def test_replicated_base_zero2_resume_is_exact_on_two_processes(shards, tmp_path):
+    """The replicated-base JSONs run ZeRO stage 2: its engine checkpoint must resume to the same numbers too."""
+    ds = json.loads((ROOT / "ds_configs" / "tiny_cpu.json").read_text())
+    ds["zero_optimization"] = {"stage": 2, "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True}
+    config = tmp_path / "tiny_zero2.json"
+    config.write_text(json.dumps(ds))
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "toolkit.train", "--experiment",
+            "tiny_demo", f"dataloader_train.dataset.dataset_dir={shards['train']}", f"trainer.ds_config={config}",
+            "trainer.max_iter=6", "checkpoint.save_iter=3", "dataloader_train.batch_size=1", "checkpoint.keep_last=10"]
+
+    def launch(root: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args, f"job.output_root={root}"], env=worker_env() | (env_extra or {}),
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    straight = launch(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert launch(tmp_path / "killed", {"COSMOS_TOOLKIT_TEST_SIGNAL_AT": "KILL:4"}).returncode != 0
+    resumed = launch(tmp_path / "killed")
+    assert resumed.returncode == 0 and "resumed from iteration 3" in resumed.stdout, resumed.stderr[-3000:]
+    (model_a, trainer_a), (model_b, trainer_b) = final_state(tmp_path / "straight"), final_state(tmp_path / "killed")
+    assert trainer_a["losses"] == trainer_b["losses"]
+    assert all(torch.equal(model_a["lora"][k], model_b["lora"][k]) for k in model_a["lora"])

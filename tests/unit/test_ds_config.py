@@ -142,7 +142,7 @@ def test_world_size_must_be_a_multiple_of_context_parallel():
 
 def test_default_file_by_model_size_from_any_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for experiment, name in ((GUIDE_2B, "2b.json"), (GUIDE_14B, "14b.json"), ("tiny_demo", "tiny_cpu.json")):
+    for experiment, name in ((GUIDE_2B, "2b_replicated_base.json"), (GUIDE_14B, "14b.json"), ("tiny_demo", "tiny_cpu.json")):
         path = ds_config_path(load_run_config(experiment))
         assert path == REPOSITORY_ROOT / "ds_configs" / name and path.is_file()
     missing = load_run_config("tiny_demo", None, ["trainer.ds_config=nowhere.json"])
