@@ -25,19 +25,20 @@ run() {  # run NEEDED_GPUS TIMEOUT command...
 TR="python3 -m torch.distributed.run --standalone"
 TT="-m benchmarks.train_throughput --warmup 1"
 one() { env CUDA_VISIBLE_DEVICES=0 "$@"; }
-# 1 GPU: issue-2 forward+backward, our LoRA step, the hand-built diffusers baseline, 480p rows, generation
+# 1 GPU: issue-2 forward+backward, our LoRA step, the hand-built diffusers baseline, 480p rows, generation.
+# 2B rows named without a tag use ds_configs/2b.json (ZeRO-3); `replicated_base` rows the 2B default JSON (ZeRO-2).
 run 1 150 one python3 $TT --mode fwdbwd --size 2B --resolution 720 --checkpointing selective --steps 1
-run 1 180 one python3 $TT --size 2B --resolution 720 --checkpointing selective --steps 3
+run 1 180 one python3 $TT --size 2B --resolution 720 --checkpointing selective --steps 3 --ds_config ds_configs/2b.json
 run 1 150 one python3 $TT --mode diffusers --size 2B --resolution 720 --steps 1
-run 1 120 one python3 $TT --size 2B --resolution 480 --checkpointing selective --steps 3
+run 1 120 one python3 $TT --size 2B --resolution 480 --checkpointing selective --steps 3 --ds_config ds_configs/2b.json
 run 1 200 one python3 $TT --size 14B --resolution 480 --checkpointing full --steps 2
 run 1 150 one python3 -m benchmarks.generate_throughput --size 2B --resolution 720 --measured_steps 2
 run 1 60 one python3 -m benchmarks.generate_throughput --size 2B --resolution 480 --measured_steps 2
 run 1 170 one python3 -m benchmarks.generate_throughput --size 14B --resolution 720 --measured_steps 1
 # 2 and 4 GPUs: Ulysses scaling (first loss must equal the SP=1 row), 14B at 720p, generation with SP=2
-run 2 150 $TR --nproc_per_node=2 $TT --size 2B --resolution 720 --sp 2 --steps 3
-run 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing selective --steps 3
-run 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing auto --steps 3
+run 2 150 $TR --nproc_per_node=2 $TT --size 2B --resolution 720 --sp 2 --steps 3 --ds_config ds_configs/2b.json
+run 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing selective --steps 3 --ds_config ds_configs/2b.json
+run 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing auto --steps 3 --ds_config ds_configs/2b.json
 run 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing auto --steps 3 --ds_config ds_configs/2b_replicated_base.json --tag replicated_base
 run 1 130 one python3 $TT --size 2B --resolution 720 --checkpointing selective --steps 3 --ds_config ds_configs/2b_replicated_base.json --tag replicated_base
 run 2 100 $TR --nproc_per_node=2 $TT --size 2B --resolution 720 --sp 2 --checkpointing selective --steps 3 --ds_config ds_configs/2b_replicated_base.json --tag replicated_base
