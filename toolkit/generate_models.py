@@ -156,7 +156,7 @@ def _warn_about_adapter(adapter, settings: Settings, description: dict, say: Say
 
 def _refuse_lora_checkpoint_as_base(path: str) -> None:
     """Read key names only (memory-mapped): a base + LoRA checkpoint needs --use_lora, as upstream."""
-    from toolkit.model.weights import detect_checkpoint
+    from toolkit.model.checkpoint_info import detect_checkpoint
 
     try:
         holds_lora = detect_checkpoint(path).num_lora_tensors > 0

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import sys
 
-from toolkit.model.weights import CheckpointInfo, detect_checkpoint
+from toolkit.model.checkpoint_info import CheckpointInfo, detect_checkpoint
 
 
 def format_table(info: CheckpointInfo) -> str:

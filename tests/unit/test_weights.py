@@ -7,7 +7,8 @@ import torch
 
 from toolkit.model import build_dit
 from toolkit.model.keymap import diffusers_to_official_key, official_to_diffusers_key
-from toolkit.model.weights import detect_checkpoint, load_dit_weights, save_dit_weights
+from toolkit.model.checkpoint_info import detect_checkpoint
+from toolkit.model.weights import load_dit_weights, save_dit_weights
 
 OFFICIAL_EXTRAS = {  # entries official files carry that are no parameters of the network (facts 1.8)
     "pos_embedder.seq": torch.arange(128.0),
