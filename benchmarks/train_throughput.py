@@ -64,6 +64,9 @@ def _batch(shape, device, seed: int = 0):
 
 
 def _time_steps(step_fn, warmup: int, steps: int, device) -> tuple[list[float], list[float]]:
+    """(seconds of each measured step, loss of every step); peak-memory statistics restart here."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for i in range(warmup + steps):
         if device.type == "cuda":
@@ -109,7 +112,7 @@ def run_lora(args) -> dict:
     params = [p for _, p in lora_named_parameters(assembled.model)]
     o = cfg.optimizer
     optimizer = build_optimizer(params, o.lr, o.weight_decay, o.betas, o.eps)
-    _, engine, _, _ = build_engine(assembled.model, optimizer, None, ds_config, topo.device)
+    _, engine, _ = build_engine(assembled.model, optimizer, ds_config, topo.device)
     build_seconds = time.perf_counter() - build_start
     split = assembled.model.sequence_parallel.split if assembled.sp_size > 1 else None
     latent, text = _batch(_latent_shape(args), topo.device, seed=topo.dp_rank)
@@ -124,8 +127,6 @@ def run_lora(args) -> dict:
             value /= topo.world_size
         return value.item()
 
-    if topo.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     times, losses = _time_steps(step, args.warmup, args.steps, topo.device)
     return {
         "world_size": topo.world_size, "dp": topo.dp_size, "sp": assembled.sp_size, "zero_stage": ds_config["zero_optimization"]["stage"],
@@ -154,8 +155,6 @@ def run_fwdbwd(args) -> dict:
         model.zero_grad(set_to_none=True)
         return loss.item()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     times, losses = _time_steps(step, args.warmup, args.steps, device)
     return {"world_size": 1, "dp": 1, "sp": 1, "zero_stage": 0, "checkpointing": args.checkpointing,
             "attention_backend": model.attention.backend_used, "times": times, "first_loss": losses[0], "losses": losses,
@@ -194,8 +193,6 @@ def run_diffusers(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     times, losses = _time_steps(step, args.warmup, args.steps, device)
     return {"world_size": 1, "dp": 1, "sp": 1, "zero_stage": 0, "checkpointing": "diffusers-full",
             "attention_backend": "sdpa-default", "times": times, "first_loss": losses[0], "losses": losses,

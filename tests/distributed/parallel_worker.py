@@ -85,7 +85,7 @@ def engine(args) -> None:
         "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True, "bf16": {"enabled": False},
         "sequence_parallel_size": args.sp,
     }
-    _, eng, _, _ = build_engine(model, torch.optim.SGD(params, lr=LR), None, ds, topo.device)
+    _, eng, _ = build_engine(model, torch.optim.SGD(params, lr=LR), ds, topo.device)
     split = model.sequence_parallel.split if args.sp > 1 else None
     with torch.no_grad():
         t = torch.rand(1, LATENT[1], generator=torch.Generator().manual_seed(5))

@@ -11,8 +11,11 @@ import torch
 from torch import nn
 
 
-def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds_config: dict, device: torch.device):
-    """`accelerator.prepare(model, optimizer, scheduler)` with a DeepSpeed plugin; returns (accelerator, engine, optimizer, scheduler)."""
+def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, device: torch.device):
+    """`accelerator.prepare(model, optimizer)` with a DeepSpeed plugin; returns (accelerator, engine, optimizer).
+
+    The learning rate is set by the training loop from the lambdalinear factor of the iteration (stateless, so a
+    resume needs no scheduler state), hence no scheduler here."""
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
@@ -24,11 +27,8 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, 
         mixed_precision=mixed_precision,
         kwargs_handlers=kwargs_handlers,
     )
-    if scheduler is None:
-        engine, optimizer = accelerator.prepare(model, optimizer)
-    else:
-        engine, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    return accelerator, engine, optimizer, scheduler
+    engine, optimizer = accelerator.prepare(model, optimizer)
+    return accelerator, engine, optimizer
 
 
 def gathered_parameters(params: list[torch.nn.Parameter]):

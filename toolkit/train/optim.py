@@ -5,8 +5,6 @@ AdamW defaults are upstream's (betas 0.9/0.99, eps 1e-8, weight decay 0.1, one p
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -87,6 +85,3 @@ class PowerEMA:
             raise ValueError("EMA state does not match the adapter's parameters (rank or targets changed?)")
         self.shadow = [s.float().clone() for s in state["shadow"]]
 
-
-def is_finite(value: float) -> bool:
-    return math.isfinite(value)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,7 +106,7 @@ def build_session(cfg: RunConfig, topology: Topology, ds_config: dict, vae_path:
     names, params = [n for n, _ in named], [p for _, p in named]
     o = cfg.optimizer
     optimizer = build_optimizer(params, o.lr, o.weight_decay, o.betas, o.eps)
-    _, engine, optimizer, _ = build_engine(assembled.model, optimizer, None, ds_config, topology.device)
+    _, engine, optimizer = build_engine(assembled.model, optimizer, ds_config, topology.device)
     directory = run_dir(cfg)
     session = Session(
         cfg=cfg,
@@ -154,7 +153,3 @@ def build_stream(session: Session, start_step: int):
         session.vae = load_vae(session.topology, session.vae_path, stream.path_reason)
     return stream
 
-
-def save_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
