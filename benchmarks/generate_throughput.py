@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sp", type=int, default=1)
     p.add_argument("--measured_steps", type=int, default=3)
     p.add_argument("--attention_backend", default="auto")
+    p.add_argument("--compile", default="auto", choices=["auto", "elementwise", "none"],
+                   help="torch.compile of the elementwise maths; auto = on CUDA")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
 
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from toolkit.diffusion import ObjectiveConfig, condition_mask, guided_denoise_fn
     from toolkit.encoders.wan_vae import WanVAE
     from toolkit.model import build_dit
+    from toolkit.model.fused import apply_compile, elementwise_of
     from toolkit.parallel.topology import init_distributed
     from toolkit.parallel.ulysses import apply_sequence_parallel
 
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_dit(args.size, device=device, dtype=dtype, attention_backend=args.attention_backend).eval()
     if args.sp > 1:
         apply_sequence_parallel(model, topo.sp_group, gather_output=True)
+    apply_compile(model, args.compile, device)
     if args.size == "tiny":
         vae, (height, width), frames = WanVAE.load("tiny", device=device), (64, 96), 9
     else:
@@ -94,15 +98,21 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size, "resolution": args.resolution, "sp": args.sp, "world_size": topo.world_size, "tag": args.tag,
         "latent": [C, T, H, W], "seconds_per_guided_step": step, "step_times": step_times,
         "vae_encode_s": encode_s, "vae_decode_s": decode_s, "video_s_extrapolated": encode_s + 36 * step + decode_s,
-        "attention_backend": model.attention.backend_used,
+        "attention_backend": model.attention.backend_used, "compile": elementwise_of(model).describe(),
     }
     if device.type == "cuda":
-        row.update(peak_allocated_gib=torch.cuda.max_memory_allocated(device) / 2**30, gpu=torch.cuda.get_device_name(device), torch=torch.__version__)
+        from benchmarks.train_throughput import _driver
+
+        row.update(peak_allocated_gib=torch.cuda.max_memory_allocated(device) / 2**30, gpu=torch.cuda.get_device_name(device),
+                   torch=torch.__version__, driver=_driver(), cudnn=torch.backends.cudnn.version())
     if topo.is_main:
-        name = f"generate_{args.size}_{args.resolution}p_sp{args.sp}{('_' + args.tag) if args.tag else ''}"
+        from benchmarks.report import card_suffix
+
+        name = f"generate_{args.size}_{args.resolution}p_sp{args.sp}{('_' + args.tag) if args.tag else ''}{card_suffix(row.get('gpu'))}"
         (RESULTS / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
         print(f"RESULT {name}: {step:.2f} s per guided step, encode {encode_s:.2f} s, decode {decode_s:.2f} s, "
-              f"video {row['video_s_extrapolated']:.1f} s (extrapolated), backend {row['attention_backend']}")
+              f"video {row['video_s_extrapolated']:.1f} s (extrapolated), backend {row['attention_backend']}, "
+              f"compile {row['compile']}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

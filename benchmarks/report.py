@@ -17,51 +17,79 @@ for H100 PCIe and NVL only, so the PCIe figure is shown and marked."""
 
 
 
+def card(gpu_name: str | None) -> str:
+    """Short card name of a row (`H100`, `H200`, ...; `cpu` without one)."""
+    import re
+
+    found = re.search(r"\b([A-Z]{1,2}\d{2,4})\b", gpu_name or "")
+    return found.group(1) if found else ("cpu" if not gpu_name else gpu_name)
+
+
+def card_suffix(gpu_name: str | None) -> str:
+    """File-name suffix that keeps rows from other cards apart from the H100 rows the targets are stated for."""
+    short = card(gpu_name)
+    return "" if short in ("H100", "cpu") else "_" + short.lower()
+
+
+def _floor(r: dict, kind: str) -> float:
+    """Fraction of the measured kernel ceiling: the kernel-floor time of the row's work over its GPU-seconds."""
+    from toolkit.model import resolve_dit_config
+    from toolkit.train.metrics import kernel_floor_seconds, num_tokens, sample_flops
+
+    config = resolve_dit_config(r["size"])
+    tokens = r["tokens"] if "tokens" in r else num_tokens(config, *r["latent"][1:])
+    flops = sample_flops(config, tokens)
+    if kind == "generate":
+        return 2 * kernel_floor_seconds(flops, "forward") / (r["seconds_per_guided_step"] * r["world_size"])
+    per_sample = kernel_floor_seconds(flops, "full" if r["mode"] == "fwdbwd" else "lora")
+    return per_sample * r["dp"] / (r["median_s_per_iter"] * r["world_size"])
+
+
 def _rows(prefix: str) -> list[dict]:
     return [json.loads(p.read_text()) | {"file": p.name} for p in sorted(RESULTS.glob(f"{prefix}_*.json"))]
 
 
 def _reference_times(rows: list[dict]) -> dict[tuple, float]:
-    """Fastest single-GPU LoRA step per (size, resolution): the base of the scaling efficiency."""
+    """Fastest single-GPU LoRA step per (card, size, resolution, compile): the base of the scaling efficiency."""
     best: dict[tuple, float] = {}
     for r in rows:
         if r["mode"] == "lora" and r["world_size"] == 1:
-            key = (r["size"], r["resolution"])
+            key = (card(r.get("gpu")), r["size"], r["resolution"], r.get("compile", "none"))
             best[key] = min(best.get(key, float("inf")), r["median_s_per_iter"])
     return best
 
 
 def train_table(rows: list[dict]) -> list[str]:
-    head = ("| mode | size | res | GPUs | SP | ZeRO | ckpt | attention | s/it | samples/s | tokens/s/GPU | MFU | scaling vs 1 GPU "
-            "| peak alloc GiB | peak reserved GiB | first loss | tag |")
-    lines = [head, "|" + "---|" * 17]
+    head = ("| card | mode | size | res | GPUs | SP | ZeRO | ckpt | attention | compile | s/it | samples/s | tokens/s/GPU | MFU "
+            "| of kernel ceiling | scaling vs 1 GPU | peak alloc GiB | peak reserved GiB | first loss | tag |")
+    lines = [head, "|" + "---|" * 20]
     single = _reference_times(rows)
-    for r in sorted(rows, key=lambda r: (r["size"], r["resolution"], r["mode"], r["world_size"], r["median_s_per_iter"])):
-        base = single.get((r["size"], r["resolution"]))
+    for r in sorted(rows, key=lambda r: (card(r.get("gpu")), r["size"], r["resolution"], r["mode"], r["world_size"], r["median_s_per_iter"])):
+        base = single.get((card(r.get("gpu")), r["size"], r["resolution"], r.get("compile", "none")))
         scaling = f"{base / (r['world_size'] * r['median_s_per_iter']):.0%}" if base and r["world_size"] > 1 and r["mode"] == "lora" else "-"
         lines.append(
-            f"| {r['mode']} | {r['size']} | {r['resolution']}p | {r['world_size']} | {r['sp']} | {r['zero_stage']} | {r['checkpointing']} "
-            f"| {r['attention_backend']} | {r['median_s_per_iter']:.2f} | {r['samples_per_s']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} "
-            f"| {r['mfu']:.1%} | {scaling} | {r.get('peak_allocated_gib', 0):.1f} | {r.get('peak_reserved_gib', 0):.1f} "
+            f"| {card(r.get('gpu'))} | {r['mode']} | {r['size']} | {r['resolution']}p | {r['world_size']} | {r['sp']} | {r['zero_stage']} | {r['checkpointing']} "
+            f"| {r['attention_backend']} | {r.get('compile', 'none')} | {r['median_s_per_iter']:.2f} | {r['samples_per_s']:.3f} "
+            f"| {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.1%} | {_floor(r, 'train'):.0%} | {scaling} | {r.get('peak_allocated_gib', 0):.1f} | {r.get('peak_reserved_gib', 0):.1f} "
             f"| {r['first_loss']:.5f} | {r.get('tag', '')} |"
         )
     baseline = [r for r in rows if r["mode"] == "diffusers"]
     for b in baseline:
-        ours = single.get((b["size"], b["resolution"]))
+        ours = min((t for k, t in single.items() if k[:3] == (card(b.get("gpu")), b["size"], b["resolution"])), default=None)
         if ours:
-            lines += ["", f"Our {b['size']} {b['resolution']}p step on one GPU is {b['median_s_per_iter'] / ours:.2f}x faster than the "
+            lines += ["", f"{card(b.get('gpu'))}: our {b['size']} {b['resolution']}p step on one GPU is {b['median_s_per_iter'] / ours:.2f}x faster than the "
                           f"hand-built diffusers + PEFT step measured in the same run ({b['median_s_per_iter']:.2f} s vs {ours:.2f} s)."]
     return lines
 
 
 def generate_table(rows: list[dict]) -> list[str]:
-    lines = ["| size | res | GPUs | attention | s per guided step | VAE encode s | VAE decode s | s per video (extrapolated) "
-             "| upstream s per video (1 H100) | tag |", "|" + "---|" * 10]
-    for r in rows:
+    lines = ["| card | size | res | GPUs | attention | compile | s per guided step | of kernel ceiling | VAE encode s | VAE decode s "
+             "| s per video (extrapolated) | upstream s per video (1 H100) | tag |", "|" + "---|" * 12]
+    for r in sorted(rows, key=lambda r: (card(r.get("gpu")), r["size"], r["resolution"], r["world_size"], r.get("tag", ""))):
         upstream = UPSTREAM_GENERATE.get((r["size"], r["resolution"]))
         lines.append(
-            f"| {r['size']} | {r['resolution']}p | {r['world_size']} | {r['attention_backend']} | {r['seconds_per_guided_step']:.2f} "
-            f"| {r['vae_encode_s']:.2f} | {r['vae_decode_s']:.2f} | {r['video_s_extrapolated']:.1f} | {upstream if upstream else '-'} "
+            f"| {card(r.get('gpu'))} | {r['size']} | {r['resolution']}p | {r['world_size']} | {r['attention_backend']} | {r.get('compile', 'none')} "
+            f"| {r['seconds_per_guided_step']:.2f} | {_floor(r, 'generate'):.0%} | {r['vae_encode_s']:.2f} | {r['vae_decode_s']:.2f} | {r['video_s_extrapolated']:.1f} | {upstream if upstream else '-'} "
             f"| {r.get('tag', '')} |"
         )
     return lines
@@ -72,9 +100,14 @@ def main(argv: list[str] | None = None) -> int:
 
     argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__).parse_args(argv)
     train, generate = _rows("train"), _rows("generate")
-    machine = next((r for r in train + generate if "gpu" in r), {})
-    header = [f"Measured on {machine.get('gpu', 'n/a')} (driver {machine.get('driver', 'n/a')}, torch {machine.get('torch', 'n/a')}, "
-              f"deepspeed {machine.get('deepspeed', 'n/a')}); rows from benchmarks/results/*.json.", ""]
+    machines = {}
+    for r in train + generate:
+        if "gpu" in r:
+            machines.setdefault(r["gpu"], r)
+    header = ["Rows from benchmarks/results/*.json, measured on: " + "; ".join(
+        f"{gpu} (driver {r.get('driver', 'n/a')}, torch {r.get('torch', 'n/a')}, deepspeed {r.get('deepspeed', 'n/a')})"
+        for gpu, r in sorted(machines.items())) + ". The targets are stated for H100; other cards' rows compare only with "
+        "rows of the same card.", ""]
     body = header + ["### Training (LoRA step)", ""] + train_table(train) + ["", "### Generation", ""] + generate_table(generate)
     print("\n".join(body))
     if DOC.exists():

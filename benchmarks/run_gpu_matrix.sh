@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/run_gpu_matrix.sh [OUTDIR=/tmp/gpu_out]
 #   WHEELHOUSE=.whl bash benchmarks/run_gpu_matrix.sh      # air-gapped node: install the wheels first
+#   SETS="compile rows2b" bash benchmarks/run_gpu_matrix.sh # only some sets: compile rows2b gen14b rows14b more14b
+#                                                           # zero3 lora_generate; MIN_GPUS=2 skips 1-GPU rows
 #
 # Checks inside: SP=2/4 first-step loss equals SP=1 (the `first loss` column), LoRA generation on 1 and 2 GPUs gives
 # identical frames, the issue-2 forward+backward of the 2B at 720p. Each row has its own timeout.
@@ -13,10 +15,13 @@ OUT=${1:-/tmp/gpu_out}; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_ext}
 if [ -n "${WHEELHOUSE:-}" ]; then python3 -m pip install -q --no-index --no-deps "$WHEELHOUSE"/*.whl; fi
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
-run() {  # run NEEDED_GPUS TIMEOUT command...
-  local need=$1 limit=$2; shift 2
+SETS=${SETS:-all}   # e.g. SETS="compile rows2b" runs only those sets (each fits a 10-minute slot on 4 H100s)
+run() {  # run SET NEEDED_GPUS TIMEOUT command...
+  local set=$1 need=$2 limit=$3; shift 3
+  if [ "$SETS" != all ] && [[ " $SETS " != *" $set "* ]]; then return; fi
   if [ "$GPUS" -lt "$need" ]; then echo "=== skipped (needs $need GPUs): $*"; return; fi
-  echo "=== $*"
+  if [ "$need" -lt "${MIN_GPUS:-1}" ]; then return; fi
+  echo "=== [$set] $*"
   timeout "$limit" "$@" > "$OUT/last.log" 2>&1; local status=$?
   grep -E "RESULT|wrote|timings" "$OUT/last.log" | tail -4
   [ $status -eq 0 ] || { echo "FAILED ($status): $*"; grep -vE "Warning|return func|^\s*$" "$OUT/last.log" | tail -8; }
@@ -24,37 +29,59 @@ run() {  # run NEEDED_GPUS TIMEOUT command...
 }
 TR="python3 -m torch.distributed.run --standalone"
 TT="-m benchmarks.train_throughput --warmup 1"
-one() { env CUDA_VISIBLE_DEVICES=0 "$@"; }
-# 1 GPU: issue-2 forward+backward, our LoRA step, the hand-built diffusers baseline, 480p rows, generation.
-# 2B rows named without a tag use ds_configs/2b.json (ZeRO-3); `replicated_base` rows the 2B default JSON (ZeRO-2).
-run 1 150 one python3 $TT --mode fwdbwd --size 2B --resolution 720 --checkpointing selective --steps 1
-run 1 180 one python3 $TT --size 2B --resolution 720 --checkpointing selective --steps 3 --ds_config ds_configs/2b.json
-run 1 150 one python3 $TT --mode diffusers --size 2B --resolution 720 --steps 1
-run 1 120 one python3 $TT --size 2B --resolution 480 --checkpointing selective --steps 3 --ds_config ds_configs/2b.json
-run 1 200 one python3 $TT --size 14B --resolution 480 --checkpointing full --steps 2
-run 1 150 one python3 -m benchmarks.generate_throughput --size 2B --resolution 720 --measured_steps 2
-run 1 60 one python3 -m benchmarks.generate_throughput --size 2B --resolution 480 --measured_steps 2
-run 1 170 one python3 -m benchmarks.generate_throughput --size 14B --resolution 720 --measured_steps 1
-# 2 and 4 GPUs: Ulysses scaling (first loss must equal the SP=1 row), 14B at 720p, generation with SP=2
-run 2 150 $TR --nproc_per_node=2 $TT --size 2B --resolution 720 --sp 2 --steps 3 --ds_config ds_configs/2b.json
-run 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing selective --steps 3 --ds_config ds_configs/2b.json
-run 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing auto --steps 3 --ds_config ds_configs/2b.json
-run 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing auto --steps 3 --ds_config ds_configs/2b_replicated_base.json --tag replicated_base
-run 1 130 one python3 $TT --size 2B --resolution 720 --checkpointing selective --steps 3 --ds_config ds_configs/2b_replicated_base.json --tag replicated_base
-run 2 100 $TR --nproc_per_node=2 $TT --size 2B --resolution 720 --sp 2 --checkpointing selective --steps 3 --ds_config ds_configs/2b_replicated_base.json --tag replicated_base
-run 4 170 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2 --ds_config ds_configs/14b_replicated_base.json --tag replicated_base
-run 4 240 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2
-run 2 120 $TR --nproc_per_node=2 -m benchmarks.generate_throughput --size 2B --resolution 720 --sp 2 --measured_steps 2
-# LoRA generation on 1 and 2 GPUs: identical frames
-python3 -m benchmarks.make_random_adapter --size 2B --rank 16 --output "$OUT/adapter_2b" > /dev/null
-python3 -c "from PIL import Image; import numpy as np; Image.fromarray((np.random.default_rng(0).random((720,1280,3))*255).astype('uint8')).save('$OUT/input.png')"
-GEN=(-m toolkit.generate --model_size 2B --dit_path random --vae tiny --t5 tiny --input_path "$OUT/input.png" --prompt "a robot arm" --num_steps 4 --lora "$OUT/adapter_2b" --benchmark)
-run 1 150 one python3 "${GEN[@]}" --save_path "$OUT/lora_1gpu.mp4"
-run 2 150 $TR --nproc_per_node=2 "${GEN[@]}" --num_gpus 2 --save_path "$OUT/lora_2gpu.mp4"
-[ -f "$OUT/lora_2gpu.mp4" ] && python3 - "$OUT" <<'PY'
+GT="-m benchmarks.generate_throughput"
+ONE="env CUDA_VISIBLE_DEVICES=0"   # a command, not a function: `timeout` runs it
+R2B="--ds_config ds_configs/2b_replicated_base.json --tag replicated_base"   # the 2B default JSON (ZeRO-2)
+Z2B="--ds_config ds_configs/2b.json"                                          # ZeRO-3 comparison rows
+# compile: the elementwise torch.compile against eager on the same machine (tag eager = compile none), with the
+# profiler's host-sync check on the 1-GPU row, and the hand-built diffusers + PEFT baseline in the same run.
+run compile 1 200 $ONE python3 $TT --size 2B --resolution 720 --checkpointing selective --steps 3 $R2B --profile
+run compile 1 150 $ONE python3 $TT --size 2B --resolution 720 --checkpointing selective --steps 3 $R2B --compile none --tag replicated_base_eager
+run compile 2 120 $TR --nproc_per_node=2 $TT --size 2B --resolution 720 --sp 2 --checkpointing auto --steps 3 $R2B
+run compile 2 120 $TR --nproc_per_node=2 $TT --size 2B --resolution 720 --sp 2 --checkpointing auto --steps 3 $R2B --compile none --tag replicated_base_eager
+run compile 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing auto --steps 3 $R2B
+run compile 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing auto --steps 3 $R2B --compile none --tag replicated_base_eager
+run compile 1 150 $ONE python3 $GT --size 2B --resolution 720 --measured_steps 2
+run compile 1 150 $ONE python3 $GT --size 2B --resolution 720 --measured_steps 2 --compile none --tag eager
+# rows2b: 2B at 480p and 720p on 1, 2, 4 GPUs (default JSON); generation at 480p and on 2 GPUs
+run compile 1 150 $ONE python3 $TT --mode diffusers --size 2B --resolution 720 --steps 1
+run rows2b 1 120 $ONE python3 $TT --size 2B --resolution 480 --checkpointing auto --steps 3 $R2B
+run rows2b 2 120 $TR --nproc_per_node=2 $TT --size 2B --resolution 480 --sp 2 --checkpointing auto --steps 3 $R2B
+run rows2b 4 120 $TR --nproc_per_node=4 $TT --size 2B --resolution 480 --sp 4 --checkpointing auto --steps 3 $R2B
+run rows2b 1 60 $ONE python3 $GT --size 2B --resolution 480 --measured_steps 2
+run rows2b 2 120 $TR --nproc_per_node=2 $GT --size 2B --resolution 720 --sp 2 --measured_steps 2
+# zero3: the 2B under ZeRO-3 (ds_configs/2b.json) for comparison, and the issue-2 forward+backward
+run zero3 1 150 $ONE python3 $TT --mode fwdbwd --size 2B --resolution 720 --checkpointing selective --steps 1
+run zero3 1 180 $ONE python3 $TT --size 2B --resolution 720 --checkpointing selective --steps 3 $Z2B
+run zero3 1 120 $ONE python3 $TT --size 2B --resolution 480 --checkpointing selective --steps 3 $Z2B
+run zero3 2 150 $TR --nproc_per_node=2 $TT --size 2B --resolution 720 --sp 2 --steps 3 $Z2B
+run zero3 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing selective --steps 3 $Z2B
+run zero3 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing auto --steps 3 $Z2B
+# rows14b: the 14B at 720p on 4 GPUs (replicated base) and 2 GPUs (ZeRO-3), at 480p on 2 and 4 GPUs;
+# more14b: 720p on 4 GPUs under ZeRO-3 and 480p on 1 GPU
+run rows14b 4 170 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2 --ds_config ds_configs/14b_replicated_base.json --tag replicated_base
+run rows14b 2 240 $TR --nproc_per_node=2 $TT --size 14B --resolution 720 --sp 2 --checkpointing auto --steps 1
+run rows14b 4 150 $TR --nproc_per_node=4 $TT --size 14B --resolution 480 --sp 4 --checkpointing auto --steps 2
+run rows14b 2 150 $TR --nproc_per_node=2 $TT --size 14B --resolution 480 --sp 2 --checkpointing auto --steps 2
+run more14b 4 240 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2
+run more14b 1 200 $ONE python3 $TT --size 14B --resolution 480 --checkpointing full --steps 2
+# gen14b: 14B generation at 480p on 1 GPU and at 720p on 2 and 4 GPUs (more14b: 720p on 1 GPU)
+run gen14b 1 120 $ONE python3 $GT --size 14B --resolution 480 --measured_steps 1
+run gen14b 2 150 $TR --nproc_per_node=2 $GT --size 14B --resolution 720 --sp 2 --measured_steps 1
+run gen14b 4 150 $TR --nproc_per_node=4 $GT --size 14B --resolution 720 --sp 4 --measured_steps 2
+run more14b 1 170 $ONE python3 $GT --size 14B --resolution 720 --measured_steps 1
+# lora_generate: LoRA generation on 1 and 2 GPUs gives identical frames
+if [ "$SETS" = all ] || [[ " $SETS " == *" lora_generate "* ]]; then
+  python3 -m benchmarks.make_random_adapter --size 2B --rank 16 --output "$OUT/adapter_2b" > /dev/null
+  python3 -c "from PIL import Image; import numpy as np; Image.fromarray((np.random.default_rng(0).random((720,1280,3))*255).astype('uint8')).save('$OUT/input.png')"
+  GEN=(-m toolkit.generate --model_size 2B --dit_path random --vae tiny --t5 tiny --input_path "$OUT/input.png" --prompt "a robot arm" --num_steps 4 --lora "$OUT/adapter_2b" --benchmark)
+  run lora_generate 1 150 $ONE python3 "${GEN[@]}" --save_path "$OUT/lora_1gpu.mp4"
+  run lora_generate 2 150 $TR --nproc_per_node=2 "${GEN[@]}" --num_gpus 2 --save_path "$OUT/lora_2gpu.mp4"
+  [ -f "$OUT/lora_2gpu.mp4" ] && python3 - "$OUT" <<'PY'
 import sys, numpy as np
 from toolkit.data.video import decode_frames, probe_video
 a, b = (decode_frames(p, 0, probe_video(p).num_frames).astype(float) for p in (f"{sys.argv[1]}/lora_{n}gpu.mp4" for n in (1, 2)))
 print(f"RESULT LoRA generation, 1 vs 2 GPUs: {a.shape[0]} frames, mean |diff| {np.abs(a - b).mean():.3f}, max {np.abs(a - b).max():.0f} (uint8 levels)")
 PY
+fi
 python3 -m benchmarks.report

@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sp", type=int, default=1, help="sequence-parallel size (launch this many processes per SP group)")
     p.add_argument("--checkpointing", default="selective", choices=["none", "full", "selective", "auto"])
     p.add_argument("--attention_backend", default="auto")
+    p.add_argument("--compile", default="auto", choices=["auto", "elementwise", "none"],
+                   help="torch.compile of the elementwise maths (model.config.compile); auto = on CUDA")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more step after timing: host syncs and GPU idle time (torch.profiler)")
     p.add_argument("--ds_config", default="", help="DeepSpeed JSON (default: the size's file)")
     p.add_argument("--steps", type=int, default=3, help="measured steps")
     p.add_argument("--warmup", type=int, default=2)
@@ -81,15 +85,65 @@ def _time_steps(step_fn, warmup: int, steps: int, device) -> tuple[list[float], 
     return times, losses
 
 
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def _profile_step(step_fn, index: int, device) -> dict:
+    """Profile one step: host syncs (CUDA synchronize calls and device-to-host scalar reads) and how long the GPU
+    sat idle between its first and last kernel. Empty on CPU."""
+    if device.type != "cuda":
+        return {}
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step_fn(index)
+        torch.cuda.synchronize()
+    events = prof.events()
+    syncs: dict[str, int] = {}
+    intervals = []
+    for e in events:
+        if e.name in SYNC_CALLS or e.name == "aten::_local_scalar_dense":
+            syncs[e.name] = syncs.get(e.name, 0) + 1
+        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start:
+            intervals.append((e.time_range.start, e.time_range.end))
+    intervals.sort()
+    busy, gaps, end = 0.0, [], None
+    for start, stop in intervals:
+        if end is None or start > end:
+            if end is not None:
+                gaps.append(start - end)
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    span = (intervals[-1][1] - intervals[0][0]) if intervals else 0.0
+    return {
+        "profile_syncs": syncs, "profile_gpu_span_ms": span / 1e3, "profile_gpu_busy_ms": busy / 1e3,
+        "profile_gpu_idle_ms": (span - busy) / 1e3, "profile_gaps_over_1ms": sum(g > 1e3 for g in gaps),
+        "profile_largest_gap_ms": max(gaps, default=0.0) / 1e3,
+    }
+
+
+def _compile_stats(model) -> dict:
+    from torch._dynamo.utils import counters
+
+    from toolkit.model.fused import elementwise_of
+
+    return {"compile": elementwise_of(model).describe(), "compiled_graphs": counters["stats"].get("unique_graphs", 0),
+            "compiled_frames_ok": counters["frames"].get("ok", 0)}
+
+
 def run_lora(args) -> dict:
     from toolkit.config import load_run_config
-    from toolkit.diffusion import training_loss
     from toolkit.ds_config import resolve_ds_config
     from toolkit.lora.apply import lora_named_parameters
     from toolkit.parallel.engine import build_engine
     from toolkit.parallel.topology import init_distributed
     from toolkit.train.build import assemble_model
-    from toolkit.train.loop import step_generator
+    from toolkit.train.loop import _reduce_step, forward_backward_step, step_generator
     from toolkit.train.optim import build_optimizer
 
     topo = init_distributed(args.sp)
@@ -97,6 +151,7 @@ def run_lora(args) -> dict:
         "model.config.allow_random_base=true", "model.config.dit_path=", f"model_parallel.context_parallel_size={args.sp}",
         "dataloader_train.batch_size=1", f"model.config.activation_checkpointing={args.checkpointing}",
         f"model.config.attention_backend={args.attention_backend}", f"model.config.lora_rank={RANK[args.size]}",
+        f"model.config.compile={args.compile}",
         f"model.config.lora_alpha={RANK[args.size]}",
     ]
     if args.size != "tiny":
@@ -114,36 +169,36 @@ def run_lora(args) -> dict:
     optimizer = build_optimizer(params, o.lr, o.weight_decay, o.betas, o.eps)
     _, engine, _ = build_engine(assembled.model, optimizer, ds_config, topo.device)
     build_seconds = time.perf_counter() - build_start
+    # weights, LoRA, optimizer state and engine buffers before the first step (the static part of the peak)
+    static_gib = torch.cuda.memory_allocated(topo.device) / 2**30 if topo.device.type == "cuda" else None
     split = assembled.model.sequence_parallel.split if assembled.sp_size > 1 else None
     latent, text = _batch(_latent_shape(args), topo.device, seed=topo.dp_rank)
 
-    def step(i: int) -> float:
-        loss, _ = training_loss(engine, latent, text, cfg.model.objective, step_generator(0, topo.dp_rank, 0, 0, topo.device), split)
-        engine.backward(loss)
-        engine.step()
-        value = loss.detach().float()
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(value)
-            value /= topo.world_size
-        return value.item()
+    def step(i: int) -> float:  # what toolkit.train.loop does per iteration, with the same host syncs
+        generator = step_generator(0, topo.dp_rank, 0, 0, topo.device)
+        loss = forward_backward_step(engine, latent, text, cfg.model.objective, generator, split)
+        return _reduce_step(loss, False, topo.device)[0]
 
     times, losses = _time_steps(step, args.warmup, args.steps, topo.device)
-    return {
+    profiled = _profile_step(step, args.warmup + args.steps, topo.device) if args.profile else {}
+    return {**profiled, **_compile_stats(assembled.model),
         "world_size": topo.world_size, "dp": topo.dp_size, "sp": assembled.sp_size, "zero_stage": ds_config["zero_optimization"]["stage"],
         "checkpointing": assembled.checkpointing, "attention_backend": assembled.model.attention.backend_used,
-        "times": times, "first_loss": losses[0], "losses": losses, "build_seconds": build_seconds,
+        "times": times, "first_loss": losses[0], "losses": losses, "build_seconds": build_seconds, "memory_after_build_gib": static_gib,
         "trainable_parameters": assembled.lora.trainable_parameters, "is_main": topo.is_main, "device": topo.device,
     }
 
 
 def run_fwdbwd(args) -> dict:
     from toolkit.model import build_dit
+    from toolkit.model.fused import apply_compile
     from toolkit.parallel.checkpointing import apply_activation_checkpointing
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_dit(args.size, device=device, dtype=dtype, attention_backend=args.attention_backend)
     apply_activation_checkpointing(model, args.checkpointing)
+    apply_compile(model, args.compile, device)
     latent, text = _batch(_latent_shape(args), device)
     t = torch.full((1, latent.shape[2]), 0.5, device=device)
     mask = torch.zeros_like(latent[:, :1])
@@ -156,7 +211,7 @@ def run_fwdbwd(args) -> dict:
         return loss.item()
 
     times, losses = _time_steps(step, args.warmup, args.steps, device)
-    return {"world_size": 1, "dp": 1, "sp": 1, "zero_stage": 0, "checkpointing": args.checkpointing,
+    return {**_compile_stats(model), "world_size": 1, "dp": 1, "sp": 1, "zero_stage": 0, "checkpointing": args.checkpointing,
             "attention_backend": model.attention.backend_used, "times": times, "first_loss": losses[0], "losses": losses,
             "is_main": True, "device": device}
 
@@ -221,7 +276,7 @@ def finish_row(args, result: dict) -> dict:
         row.update(
             peak_allocated_gib=torch.cuda.max_memory_allocated(device) / 2**30,
             peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30,
-            gpu=torch.cuda.get_device_name(device), torch=torch.__version__,
+            gpu=torch.cuda.get_device_name(device), torch=torch.__version__, cudnn=torch.backends.cudnn.version(),
             driver=_driver(),
         )
     try:
@@ -252,12 +307,19 @@ def main(argv: list[str] | None = None) -> int:
     is_main = result["is_main"]
     row = finish_row(args, result)
     if is_main:
-        name = f"train_{args.mode}_{args.size}_{args.resolution}p_sp{row['sp']}_w{row['world_size']}_{row['checkpointing']}{('_' + args.tag) if args.tag else ''}"
+        from benchmarks.report import card_suffix
+
+        name = (f"train_{args.mode}_{args.size}_{args.resolution}p_sp{row['sp']}_w{row['world_size']}_{row['checkpointing']}"
+                f"{('_' + args.tag) if args.tag else ''}{card_suffix(row.get('gpu'))}")
         path = Path(args.out) if args.out else RESULTS / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(row, indent=2) + "\n")
         print(f"RESULT {name}: {row['median_s_per_iter']:.3f} s/it, MFU {row['mfu']:.1%}, "
-              f"peak {row.get('peak_allocated_gib', 0):.1f} GiB, backend {row['attention_backend']}, first loss {row['first_loss']:.6f}")
+              f"peak {row.get('peak_allocated_gib', 0):.1f} GiB, backend {row['attention_backend']}, compile {row.get('compile')} "
+              f"({row.get('compiled_graphs', 0)} graphs), first loss {row['first_loss']:.6f}")
+        if "profile_syncs" in row:
+            print(f"RESULT profile: host syncs {row['profile_syncs']}, GPU idle {row['profile_gpu_idle_ms']:.1f} ms of "
+                  f"{row['profile_gpu_span_ms']:.0f} ms, largest gap {row['profile_largest_gap_ms']:.2f} ms")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

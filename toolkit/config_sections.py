@@ -146,6 +146,8 @@ class ModelConfig:
     """PyTorch SDPA backend; `auto` tries cuDNN first on Hopper."""
     activation_checkpointing: Literal["none", "full", "selective", "auto"] = "auto"
     """Per-block recomputation; `auto` lets the trainer choose from size and memory."""
+    compile: Literal["none", "elementwise", "auto"] = "auto"
+    """torch.compile of the blocks' elementwise maths (norms, RoPE, modulation); `auto` = on CUDA only."""
     ema: EMAConfig = setting(factory=EMAConfig)
     """Upstream key path `model.config.pipe_config.ema`."""
     prompt_refiner_config: DisabledFeatureConfig = setting(factory=DisabledFeatureConfig)

@@ -45,6 +45,7 @@ from toolkit.generate_models import (
     model_dir,
     start_distributed,
 )
+from toolkit.model.fused import apply_compile, elementwise_of
 from toolkit.pipeline import (
     ASPECT_RATIOS,
     FRAMES_PER_FPS,
@@ -97,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--attention_backend", default="auto", choices=("auto", "cudnn", "flash", "efficient", "math"),
         help="PyTorch SDPA kernel; auto = cuDNN first on Hopper, the one that ran goes into the sidecar")
     add("--rope_bf16", action="store_true", help="bf16 RoPE angle table, as the official pipeline (bit-exact)")
+    add("--compile", default="auto", choices=("auto", "elementwise", "none"),
+        help="torch.compile of the DiT's elementwise maths (norms, RoPE, modulation); auto = on CUDA only")
     add("--benchmark", action="store_true", help="time every stage and sampling step (CUDA-synchronised) and print them")
     _add_lora_and_other_flags(parser)
     return parser
@@ -147,6 +150,7 @@ class Settings:
     num_gpus: int
     merge_lora: bool
     benchmark: bool
+    compile: str = "auto"
 
 
 def _default_paths(args: argparse.Namespace) -> tuple[str, str, str]:
@@ -209,7 +213,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     return Settings(
         args.model_size, dit, vae, t5, args.resolution, args.aspect_ratio, args.fps, video_size, num_frames,
         args.num_conditional_frames, args.guidance, args.num_steps, args.seed, args.negative_prompt, device, dtype,
-        args.attention_backend, args.rope_bf16, args.num_gpus, args.merge_lora, args.benchmark,
+        args.attention_backend, args.rope_bf16, args.num_gpus, args.merge_lora, args.benchmark, args.compile,
     )  # fmt: skip
 
 
@@ -330,6 +334,7 @@ def write_outputs(item: Item, info: InputInfo, result: GenerationResult, context
         "dit": context["dit"],
         "adapters": context["adapters"],
         "attention_backend_used": context["net"].attention.backend_used,
+        "compile_used": elementwise_of(context["net"]).describe(),
         "world_size": settings.num_gpus,
         "sequence_parallel_size": context["net"].sequence_parallel.size,
         "timings_s": timings,
@@ -354,9 +359,11 @@ def load_models(
             from toolkit.parallel.ulysses import apply_sequence_parallel
 
             apply_sequence_parallel(net, topology.sp_group, gather_output=True)
+        compiled = apply_compile(net, settings.compile, device)
     say(f"{settings.model_size} DiT ({dit_info['path']}), {len(adapters)} adapter(s), {settings.num_frames} frames "
         f"{settings.video_size[0]}x{settings.video_size[1]} at {settings.fps} fps, {settings.num_steps} steps, "
-        f"guidance {settings.guidance}, seed {settings.seed}, {settings.dtype} on {device} x{settings.num_gpus}")
+        f"guidance {settings.guidance}, seed {settings.seed}, {settings.dtype} on {device} x{settings.num_gpus}, "
+        f"compile: {compiled}")
     sampler = SamplerConfig(num_steps=settings.num_steps, guidance=settings.guidance)
     pipeline = Video2WorldPipeline(net, vae, sampler, device=device)
     return embeddings, pipeline, {"settings": settings, "dit": dit_info, "adapters": adapters, "net": net}

@@ -78,6 +78,10 @@ def engine(args) -> None:
         base_out = build_dit_reference_output(probe_latent, probe_text)
     if args.sp > 1:
         apply_sequence_parallel(model, topo.sp_group)
+    if args.compile:
+        from toolkit.model.fused import apply_compile, elementwise_of
+
+        apply_compile(model, "elementwise", topo.device)
     named = lora_named_parameters(model)
     params = [p for _, p in named]
     ds = {
@@ -105,7 +109,8 @@ def engine(args) -> None:
     with gathered_parameters(params):
         lora = {n: p.detach().clone() for n, p in named}
     if topo.rank == 0:
-        torch.save({"losses": losses, "lora": lora, "identity_error": identity_error}, args.out)
+        compiled = elementwise_of(model).describe() if args.compile else "none"
+        torch.save({"losses": losses, "lora": lora, "identity_error": identity_error, "compile": compiled}, args.out)
 
 
 def build_dit_reference_output(latent, text):
@@ -122,6 +127,7 @@ def main() -> None:
     parser.add_argument("--sp", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="the elementwise functions through torch.compile")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

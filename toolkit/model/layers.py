@@ -10,10 +10,9 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from toolkit.model.rope import apply_rotary
+from toolkit.model.fused import EAGER
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -25,10 +24,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.elementwise = EAGER  # toolkit.model.fused.apply_compile swaps in the compiled set
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
-        return y.to(x.dtype)
+    def forward(self, x: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Normalise; with a RoPE (cos, sin) pair, also rotate (the self-attention q/k path, one fused call)."""
+        if rope_cos_sin is None:
+            return self.elementwise.rms_norm(x, self.weight, self.eps)
+        return self.elementwise.rms_norm_rotary(x, self.weight, self.eps, *rope_cos_sin)
 
 
 class PatchRearrange(nn.Module):
@@ -121,12 +123,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, S, _ = x_B_S_D.shape
         context = x_B_S_D if context_B_L_E is None else context_B_L_E
-        q = self.q_norm(self.q_proj(x_B_S_D).unflatten(-1, (self.num_heads, self.head_dim)))
-        k = self.k_norm(self.k_proj(context).unflatten(-1, (self.num_heads, self.head_dim)))
+        # the norm modules are called (not their weights read) so DeepSpeed ZeRO-3's module hooks gather them
+        q = self.q_norm(self.q_proj(x_B_S_D).unflatten(-1, (self.num_heads, self.head_dim)), rope_cos_sin)
+        k = self.k_norm(self.k_proj(context).unflatten(-1, (self.num_heads, self.head_dim)), rope_cos_sin)
         v = self.v_proj(context).unflatten(-1, (self.num_heads, self.head_dim))
-        if rope_cos_sin is not None:
-            q = apply_rotary(q, rope_cos_sin)
-            k = apply_rotary(k, rope_cos_sin)
         out_B_S_H_D = self.attention_fn(q, k, v)
         return self.output_proj(out_B_S_H_D.flatten(2))
 
@@ -142,10 +142,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer2(self.activation(self.layer1(x)))
-
-
-def _modulate(norm_x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return norm_x * (1 + scale) + shift
 
 
 class Block(nn.Module):
@@ -164,6 +160,7 @@ class Block(nn.Module):
         self.adaln_modulation_self_attn = adaln_modulation(dim, adaln_lora_dim, 3)
         self.adaln_modulation_cross_attn = adaln_modulation(dim, adaln_lora_dim, 3)
         self.adaln_modulation_mlp = adaln_modulation(dim, adaln_lora_dim, 3)
+        self.elementwise = EAGER  # toolkit.model.fused.apply_compile swaps in the compiled set
 
     def forward(
         self,
@@ -174,6 +171,7 @@ class Block(nn.Module):
         adaln_lora_B_T_3D: torch.Tensor,
     ) -> torch.Tensor:
         B, T, H, W, D = x_B_T_H_W_D.shape
+        ops, eps = self.elementwise, self.layer_norm_self_attn.eps
 
         def modulation(layer: nn.Sequential) -> tuple[torch.Tensor, ...]:
             out_B_T_3D = layer(emb_B_T_D) + adaln_lora_B_T_3D
@@ -181,18 +179,18 @@ class Block(nn.Module):
 
         # 1. self-attention over all T*H*W tokens (RoPE on q, k)
         shift, scale, gate = modulation(self.adaln_modulation_self_attn)
-        h = _modulate(self.layer_norm_self_attn(x_B_T_H_W_D), shift, scale).flatten(1, 3)
+        h = ops.norm_modulate(x_B_T_H_W_D, shift, scale, eps).flatten(1, 3)
         h = self.self_attn(h, None, rope_cos_sin).unflatten(1, (T, H, W))
-        x_B_T_H_W_D = x_B_T_H_W_D + gate * h
+        x_B_T_H_W_D = ops.gated_residual(x_B_T_H_W_D, gate, h)
         # 2. cross-attention to the (unmasked, zero-padded) text embedding
         shift, scale, gate = modulation(self.adaln_modulation_cross_attn)
-        h = _modulate(self.layer_norm_cross_attn(x_B_T_H_W_D), shift, scale).flatten(1, 3)
+        h = ops.norm_modulate(x_B_T_H_W_D, shift, scale, eps).flatten(1, 3)
         h = self.cross_attn(h, crossattn_B_L_E, None).unflatten(1, (T, H, W))
-        x_B_T_H_W_D = x_B_T_H_W_D + gate * h
+        x_B_T_H_W_D = ops.gated_residual(x_B_T_H_W_D, gate, h)
         # 3. MLP
         shift, scale, gate = modulation(self.adaln_modulation_mlp)
-        h = self.mlp(_modulate(self.layer_norm_mlp(x_B_T_H_W_D), shift, scale))
-        return x_B_T_H_W_D + gate * h
+        h = self.mlp(ops.norm_modulate(x_B_T_H_W_D, shift, scale, eps))
+        return ops.gated_residual(x_B_T_H_W_D, gate, h)
 
 
 class FinalLayer(nn.Module):
@@ -208,4 +206,4 @@ class FinalLayer(nn.Module):
     def forward(self, x_B_T_H_W_D: torch.Tensor, emb_B_T_D: torch.Tensor, adaln_lora_B_T_3D: torch.Tensor) -> torch.Tensor:
         mod_B_T_2D = self.adaln_modulation(emb_B_T_D) + adaln_lora_B_T_3D[..., : 2 * self.dim]
         shift, scale = (c[:, :, None, None, :] for c in mod_B_T_2D.chunk(2, dim=-1))
-        return self.linear(_modulate(self.layer_norm(x_B_T_H_W_D), shift, scale))
+        return self.linear(EAGER.norm_modulate(x_B_T_H_W_D, shift, scale, self.layer_norm.eps))

@@ -63,11 +63,3 @@ def rope_cos_sin(angles_S_D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the angle table, each `[1, S, 1, Dh]` fp32, computed once per forward."""
     return torch.cos(angles_S_D)[None, :, None, :], torch.sin(angles_S_D)[None, :, None, :]
 
-
-def apply_rotary(x_B_S_H_D: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate-half RoPE computed in fp32, returned in the input dtype."""
-    cos, sin = cos_sin
-    x = x_B_S_H_D.float()
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x_B_S_H_D.dtype)

@@ -6,7 +6,8 @@
 2. inject LoRA with PEFT, after any `zero.Init` (trap 2: inside it lora_B would not be zero) and after the base
    weights (PEFT wraps the loaded Linears); everything else frozen;
 3. activation checkpointing per block (it wraps block forwards, so it must see the PEFT-wrapped Linears);
-4. Ulysses sequence parallelism (replaces the self-attention call and the time split hook);
+4. Ulysses sequence parallelism (replaces the self-attention call and the time split hook), and the compiled
+   elementwise functions (`model.config.compile`);
 5. `accelerator.prepare` with the DeepSpeed plugin (partitions parameters, builds the engine) - done by the caller.
 """
 
@@ -19,6 +20,7 @@ import torch
 from toolkit.config import RunConfig, resolved_lora_targets
 from toolkit.lora.apply import LoraStats, apply_lora
 from toolkit.model import CosmosDiT, build_dit, resolve_dit_config
+from toolkit.model.fused import apply_compile
 from toolkit.model.identity import file_fingerprint
 from toolkit.parallel.checkpointing import apply_activation_checkpointing
 from toolkit.parallel.topology import Topology
@@ -28,10 +30,14 @@ def model_dtype(ds_config: dict) -> torch.dtype:
     return torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
 
 
+def builds_under_zero_init(model_size: str, zero_stage: int, world_size: int) -> bool:
+    """The 14B must never be whole on one rank; `tiny` takes the same path so CPU tests exercise it."""
+    return model_size in ("14B", "tiny") and zero_stage == 3 and world_size > 1
+
+
 def _use_zero_init(cfg: RunConfig, topology: Topology, ds_config: dict) -> bool:
-    # The 14B must never be whole on one rank; `tiny` takes the same path so CPU tests exercise it.
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    return cfg.model.model_size in ("14B", "tiny") and stage == 3 and topology.world_size > 1
+    return builds_under_zero_init(cfg.model.model_size, stage, topology.world_size)
 
 
 def build_base_dit(cfg: RunConfig, topology: Topology, ds_config: dict) -> tuple[CosmosDiT, dict]:
@@ -87,6 +93,7 @@ class AssembledModel:
     lora: LoraStats
     checkpointing: str
     sp_size: int
+    compile: str
 
 
 def choose_checkpointing(cfg: RunConfig, topology: Topology, ds_config: dict) -> str:
@@ -124,4 +131,5 @@ def assemble_model(cfg: RunConfig, topology: Topology, ds_config: dict) -> Assem
     policy = choose_checkpointing(cfg, topology, ds_config)
     apply_activation_checkpointing(model, policy)
     sp = apply_sequence_parallel(model, topology.sp_group) if topology.sp_size > 1 else 1
-    return AssembledModel(model, identity, stats, policy, sp)
+    compiled = apply_compile(model, cfg.model.compile, topology.device)
+    return AssembledModel(model, identity, stats, policy, sp, compiled)

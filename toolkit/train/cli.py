@@ -91,7 +91,8 @@ def _train(cfg, args, warnings_: list[str]) -> int:
     if topology.is_main:
         for line in session.assembled.lora.lines():
             print(line)
-        print(f"activation checkpointing: {session.assembled.checkpointing}; sequence parallel: {session.assembled.sp_size}")
+        print(f"activation checkpointing: {session.assembled.checkpointing}; sequence parallel: {session.assembled.sp_size}; "
+              f"compile: {session.assembled.compile}")
     try:
         summary = train(session, log=print if topology.is_main else (lambda *a: None))
     except (NonFiniteLossError, ResumeMismatchError) as err:

@@ -132,8 +132,20 @@ def _latents(session: Session, batch: dict) -> torch.Tensor:
         return session.vae.encode(batch["video"].to(device, non_blocking=True))
 
 
-def train_step(session: Session, batches, iteration: int) -> tuple[float, bool]:
-    """One optimizer step over grad_accum_iter micro-batches; returns (mean loss, whether the step was applied)."""
+def forward_backward_step(engine, latent, text, objective, generator, split_fn) -> torch.Tensor | None:
+    """One micro-batch: loss, the ranks' agreement that it is finite (the step's one host sync: skipping must be
+    decided before backward), backward and the engine step. Returns the detached loss, or None when skipped."""
+    loss, _ = training_loss(engine, latent, text, objective, generator, split_fn)
+    if not _all_finite(loss):
+        return None
+    engine.backward(loss)
+    engine.step()
+    return loss.detach()
+
+
+def train_step(session: Session, batches, iteration: int) -> torch.Tensor | None:
+    """One optimizer step over grad_accum_iter micro-batches; returns this rank's mean loss (on the device, so no
+    host sync), or None when a non-finite loss skipped the step."""
     cfg, topo, engine = session.cfg, session.topology, session.engine
     losses = []
     for micro in range(cfg.trainer.grad_accum_iter):
@@ -141,18 +153,27 @@ def train_step(session: Session, batches, iteration: int) -> tuple[float, bool]:
         latent = _latents(session, batch)
         text = batch["t5"].to(topo.device, non_blocking=True)
         generator = step_generator(cfg.job.seed, topo.dp_rank, iteration, micro, topo.device)
-        loss, _ = training_loss(engine, latent, text, cfg.model.objective, generator, session.split_fn())
-        if not _all_finite(loss):
-            return float("nan"), False
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.detach())
+        loss = forward_backward_step(engine, latent, text, cfg.model.objective, generator, session.split_fn())
+        if loss is None:
+            return None
+        losses.append(loss)
     if session.ema is not None:
         from toolkit.parallel.engine import gathered_parameters
 
         with gathered_parameters(session.lora_params):
             session.ema.update(session.lora_params, iteration + cfg.model.ema.iteration_shift)
-    return float(torch.stack(losses).mean()), True
+    return torch.stack(losses).mean()
+
+
+def _reduce_step(loss: torch.Tensor | None, stop: bool, device: torch.device) -> tuple[float, bool]:
+    """(mean loss over ranks, whether any rank was asked to stop) with one all-reduce and one host read per step."""
+    flag = torch.tensor(1.0 if stop else 0.0, dtype=torch.float64, device=device)
+    value = torch.stack([loss.double() if loss is not None else torch.zeros_like(flag), flag])
+    if dist.is_initialized():
+        dist.all_reduce(value)
+    total, stops = value.tolist()
+    mean = total / (dist.get_world_size() if dist.is_initialized() else 1)
+    return (mean if loss is not None else float("nan")), stops > 0
 
 
 def _reduce_mean(value: float, device: torch.device) -> float:
@@ -226,7 +247,9 @@ def train(session: Session, log=print) -> dict:
             progress.write("validation before training (base model + fresh adapter): " + _format_val(val_history[-1]))
     while iteration < cfg.trainer.max_iter:
         lr = _set_lr(session, iteration)
-        loss, applied = train_step(session, batches, iteration)
+        step_loss = train_step(session, batches, iteration)
+        applied = step_loss is not None
+        loss, stop = _reduce_step(step_loss, preemption.requested, topo.device)
         consecutive_nan = 0 if applied else consecutive_nan + 1
         skipped += 0 if applied else 1
         if consecutive_nan >= cfg.trainer.max_consecutive_nan_steps:
@@ -236,7 +259,7 @@ def train(session: Session, log=print) -> dict:
             )
         iteration += 1
         window_steps += 1
-        losses.append(_reduce_mean(loss, topo.device) if applied else float("nan"))
+        losses.append(loss)
         progress.update(1)
         if iteration % cfg.trainer.logging_iter == 0 or iteration == cfg.trainer.max_iter:
             values = _log_values(session, losses[-1], lr, window_steps, window_start, step_flops, tokens, skipped)
@@ -249,7 +272,7 @@ def train(session: Session, log=print) -> dict:
             if topo.is_main:
                 progress.write(_format_val(val_history[-1]))
                 session.tracker.log({k: v for k, v in val_history[-1].items() if k != "iteration"}, step=iteration)
-        stop = _agree(preemption.requested, topo.device)
+        stop = stop or (preemption.requested and not dist.is_initialized())
         if iteration % cfg.checkpoint.save_iter == 0 or iteration == cfg.trainer.max_iter or stop:
             states = _states(session, iteration, consecutive_nan, skipped, losses)
             states["trainer"]["val_history"] = val_history
@@ -267,14 +290,6 @@ def _format_val(entry: dict) -> str:
     return f"validation at iteration {entry['iteration']}: " + " | ".join(
         f"{k.split('_')[-1]}={v:.4f}" for k, v in entry.items() if k != "iteration"
     )
-
-
-def _agree(flag: bool, device: torch.device) -> bool:
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t)
-    return t.item() > 0
 
 
 def _log_values(session: Session, loss, lr, steps, start, step_flops, tokens, skipped) -> dict:

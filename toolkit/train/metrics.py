@@ -13,6 +13,11 @@ from toolkit.model.presets import DiTConfig
 
 H100_BF16_DENSE_FLOPS = 989.4e12
 TEXT_TOKENS = 512
+# Kernel rates measured on one H100 SXM (reference/performance_notes.md): cuDNN SDPA 640 TFLOP/s forward and
+# 570 forward+backward with backward counted as 2.5x forward; bf16 matmuls at our shapes 700 to 750 (725 taken).
+ATTENTION_FORWARD_RATE = 640e12
+ATTENTION_FORWARD_BACKWARD_RATE = 570e12
+MATMUL_RATE = 725e12
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,16 @@ class StepFlops:
     @property
     def attention_share_of_forward(self) -> float:
         return (self.self_attention_forward + self.cross_attention_forward) / self.forward
+
+
+def kernel_floor_seconds(flops: StepFlops, kind: str) -> float:
+    """Seconds one sample would take if every model FLOP ran at the measured kernel rates (no recompute, no
+    elementwise or communication time): `forward` (inference), `lora` (frozen base) or `full` (every weight trains)."""
+    attention = flops.self_attention_forward + flops.cross_attention_forward
+    if kind == "forward":
+        return attention / ATTENTION_FORWARD_RATE + flops.linear_forward / MATMUL_RATE
+    linear_passes = {"lora": 2, "full": 3}[kind]
+    return 3.5 * attention / ATTENTION_FORWARD_BACKWARD_RATE + linear_passes * flops.linear_forward / MATMUL_RATE
 
 
 def num_tokens(config: DiTConfig, latent_t: int, latent_h: int, latent_w: int) -> int:

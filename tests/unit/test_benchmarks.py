@@ -1,0 +1,72 @@
+"""The benchmark table's arithmetic (benchmarks/report.py, toolkit/train/metrics.py) and a CPU smoke run of the
+training benchmark (the GPU numbers themselves come from benchmarks/run_gpu_matrix.sh)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.report import _floor, card, card_suffix, generate_table, train_table
+from toolkit.model import resolve_dit_config
+from toolkit.train.metrics import (
+    ATTENTION_FORWARD_BACKWARD_RATE,
+    ATTENTION_FORWARD_RATE,
+    MATMUL_RATE,
+    kernel_floor_seconds,
+    sample_flops,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_kernel_floor_by_hand():
+    flops = sample_flops(resolve_dit_config("2B"), 84_480)
+    attention = 4 * 84_480**2 * 2048 * 28 + 4 * 84_480 * 512 * 2048 * 28
+    linear = 2 * 14 * 2048**2 * 28 * 84_480
+    assert kernel_floor_seconds(flops, "forward") == pytest.approx(attention / ATTENTION_FORWARD_RATE + linear / MATMUL_RATE)
+    assert kernel_floor_seconds(flops, "lora") == pytest.approx(3.5 * attention / ATTENTION_FORWARD_BACKWARD_RATE + 2 * linear / MATMUL_RATE)
+    assert kernel_floor_seconds(flops, "full") > kernel_floor_seconds(flops, "lora")
+    assert 10.0 < kernel_floor_seconds(flops, "lora") < 11.5  # 2B 720p: attention-bound, ~10.9 s per sample
+
+
+def _row(gpu, world, seconds, **extra):
+    return {"mode": "lora", "size": "2B", "resolution": "720", "tokens": 84_480, "dp": 1, "sp": world, "world_size": world,
+            "zero_stage": 2, "checkpointing": "selective", "attention_backend": "cudnn", "median_s_per_iter": seconds,
+            "samples_per_s": 1 / seconds, "tokens_per_s_per_gpu": 84_480 / seconds / world, "mfu": 0.4, "first_loss": 1.0,
+            "gpu": gpu, **extra}
+
+
+def test_cards_scaling_and_ceiling_fraction():
+    assert card("NVIDIA H100 80GB HBM3") == "H100" and card("NVIDIA H200") == "H200" and card(None) == "cpu"
+    assert card_suffix("NVIDIA H100 80GB HBM3") == "" and card_suffix("NVIDIA H200") == "_h200"
+    floor = kernel_floor_seconds(sample_flops(resolve_dit_config("2B"), 84_480), "lora")
+    rows = [_row("NVIDIA H100 80GB HBM3", 1, 12.0), _row("NVIDIA H100 80GB HBM3", 2, 6.25),
+            _row("NVIDIA H200", 2, 6.0, compile="elementwise")]
+    assert _floor(rows[0], "train") == pytest.approx(floor / 12.0)
+    lines = train_table(rows)
+    h100_sp2 = next(line for line in lines if line.startswith("| H100") and "| 2 | 2 |" in line)
+    assert "| 96% |" in h100_sp2  # 12.0 / (2 x 6.25): scaling against the same card's (and compile's) 1-GPU row
+    h200 = next(line for line in lines if line.startswith("| H200"))
+    assert "| elementwise |" in h200 and h200.split("|")[16].strip() == "-"  # no H200 1-GPU row: no scaling figure
+
+
+def test_generate_table_ceiling_uses_two_forwards_per_guided_step():
+    flops = sample_flops(resolve_dit_config("2B"), 24 * 44 * 80)
+    step = 2 * kernel_floor_seconds(flops, "forward")
+    row = {"size": "2B", "resolution": "720", "world_size": 1, "latent": [16, 24, 88, 160], "seconds_per_guided_step": step,
+           "vae_encode_s": 1.0, "vae_decode_s": 1.0, "video_s_extrapolated": 100.0, "attention_backend": "cudnn", "gpu": "NVIDIA H100"}
+    assert "| 100% |" in generate_table([row])[-1] and "| 228.8 |" in generate_table([row])[-1]
+
+
+def test_train_benchmark_runs_on_cpu(tmp_path):
+    out = tmp_path / "row.json"
+    cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--size", "tiny", "--resolution", "480", "--steps", "1",
+           "--warmup", "1", "--checkpointing", "selective", "--profile", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(out.read_text())
+    assert row["compile"] == "none" and row["checkpointing"] == "selective" and row["attention_backend"] == "cpu-default"
+    assert len(row["times"]) == 1 and len(row["losses"]) == 2 and row["first_loss"] > 0
+    assert "profile_syncs" not in row  # the profiler check needs CUDA

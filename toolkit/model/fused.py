@@ -1,0 +1,142 @@
+"""The DiT's elementwise maths in one place, optionally fused by `torch.compile` (applied from outside the model).
+
+At 720p a block's self-attention dominates the FLOPs, but each elementwise step (fp32 QK-RMSNorm, fp32 rotate-half
+RoPE, LayerNorm + AdaLN modulation, gated residual) is a separate eager kernel that reads and writes a
+`tokens x width` tensor: about 25 passes over 0.35 to 0.7 GB per block, forward, again in recompute and in backward.
+`torch.compile` turns each function below into one or two kernels with the same operation order and the same
+explicit casts (Inductor's `emulate_precision_casts` keeps bf16 rounding where eager rounds), so compiled and eager
+agree to bf16 rounding (fp32: to float rounding).
+
+Legend: B batch, S tokens, H heads, Dh head dim, T/Hs/Ws token grid, D width.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+COMPILE_MODES = ("none", "elementwise", "auto")
+
+
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """Affine-free LayerNorm then AdaLN modulation: `LN(x) * (1 + scale) + shift`."""
+    return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale) + shift
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return x + gate * h
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 (Transformer-Engine semantics), returned in the input dtype."""
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
+def rotary(x_B_S_H_D: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE computed in fp32, returned in the input dtype."""
+    x = x_B_S_H_D.float()
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x_B_S_H_D.dtype)
+
+
+def rms_norm_rotary(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """QK-norm then RoPE (the self-attention q and k path); the normed value is rounded to the input dtype first."""
+    return rotary(rms_norm(x, weight, eps), cos, sin)
+
+
+_FUNCTIONS = {
+    "norm_modulate": norm_modulate,
+    "gated_residual": gated_residual,
+    "rms_norm": rms_norm,
+    "rms_norm_rotary": rms_norm_rotary,
+}
+
+
+class _CompiledOrEager:
+    """A compiled function that falls back to its eager twin, with one warning, if compilation fails."""
+
+    def __init__(self, name: str, fn: Callable) -> None:
+        self.name, self.eager = name, fn
+        options = {"emulate_precision_casts": True} if _inductor_has("emulate_precision_casts") else None
+        # static shapes: a handful per function (q/k, text keys, the timestep norm), each with its own kernels
+        self.compiled = torch.compile(fn, dynamic=False, options=options)
+        self.failed: str | None = None
+
+    def __call__(self, *args):
+        if self.failed is None:
+            try:
+                return self.compiled(*args)
+            except _compiler_errors() as error:  # no triton, no C compiler, an unsupported op, ...
+                self.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                warnings.warn(f"torch.compile of {self.name} failed, running it eagerly ({self.failed})")
+        return self.eager(*args)
+
+
+def _compiler_errors() -> tuple[type[BaseException], ...]:
+    """Failures of the compiler itself; anything else (a shape error, checkpoint's early stop) propagates."""
+    from torch._dynamo import exc
+
+    return tuple(getattr(exc, name) for name in ("BackendCompilerFailed", "InternalTorchDynamoError", "Unsupported") if hasattr(exc, name))
+
+
+def _inductor_has(option: str) -> bool:
+    try:
+        from torch._inductor import config
+
+        return hasattr(config, option)
+    except ImportError:
+        return False
+
+
+class Elementwise:
+    """The set of elementwise functions a DiT calls; `compiled=True` wraps each in `torch.compile`."""
+
+    def __init__(self, compiled: bool = False) -> None:
+        self.compiled = compiled
+        for name, fn in _FUNCTIONS.items():
+            setattr(self, name, _CompiledOrEager(name, fn) if compiled else fn)
+
+    def failures(self) -> dict[str, str]:
+        """Functions whose compilation failed (they ran eagerly), with the reason."""
+        return {name: fn.failed for name in _FUNCTIONS if isinstance(fn := getattr(self, name), _CompiledOrEager) and fn.failed}
+
+    def describe(self) -> str:
+        if not self.compiled:
+            return "none"
+        failed = self.failures()
+        return "elementwise" if not failed else f"elementwise (eager fallback: {', '.join(failed)})"
+
+
+EAGER = Elementwise(compiled=False)
+
+
+def resolve_compile_mode(mode: str, device: torch.device | str) -> str:
+    """`auto` -> `elementwise` on CUDA, `none` elsewhere (CPU compile time outweighs its gain on small models)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile={mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if mode == "auto":
+        return "elementwise" if torch.device(device).type == "cuda" else "none"
+    return mode
+
+
+def apply_compile(model: nn.Module, mode: str, device: torch.device | str) -> str:
+    """Give every layer of `model` that has an `elementwise` attribute the eager or compiled set; returns the mode."""
+    mode = resolve_compile_mode(mode, device)
+    ops = Elementwise(compiled=True) if mode == "elementwise" else EAGER
+    for module in model.modules():
+        if hasattr(module, "elementwise"):
+            module.elementwise = ops
+    return mode
+
+
+def elementwise_of(model: nn.Module) -> Elementwise:
+    """The set in use (what `apply_compile` installed), for logs and benchmark rows."""
+    for module in model.modules():
+        if isinstance(getattr(module, "elementwise", None), Elementwise):
+            return module.elementwise
+    return EAGER
