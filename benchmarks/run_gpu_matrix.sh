@@ -11,7 +11,7 @@
 # identical frames, the issue-2 forward+backward of the 2B at 720p. Each row has its own timeout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-/tmp/gpu_out}; mkdir -p "$OUT"
+OUT=${1:-/tmp/gpu_out}; mkdir -p "$OUT"; touch "$OUT/.start"
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_ext}
 if [ -n "${WHEELHOUSE:-}" ]; then python3 -m pip install -q --no-index --no-deps "$WHEELHOUSE"/*.whl; fi
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
@@ -58,12 +58,13 @@ run zero3 2 150 $TR --nproc_per_node=2 $TT --size 2B --resolution 720 --sp 2 --s
 run zero3 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing selective --steps 3 $Z2B
 run zero3 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing auto --steps 3 $Z2B
 # rows14b: the 14B at 720p on 4 GPUs (replicated base) and 2 GPUs (ZeRO-3), at 480p on 2 and 4 GPUs;
-# more14b: 720p on 4 GPUs under ZeRO-3 and 480p on 1 GPU
+# more14b: 720p on 4 GPUs under ZeRO-3 and 480p on 1 GPU. ZeRO-3 rows warm up 2 steps: DeepSpeed records its
+# parameter trace in the first steps (measured: 15.96 s then 7.28 s for the 14B 480p at SP=2).
 run rows14b 4 170 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2 --ds_config ds_configs/14b_replicated_base.json --tag replicated_base
-run rows14b 2 240 $TR --nproc_per_node=2 $TT --size 14B --resolution 720 --sp 2 --checkpointing auto --steps 1
-run rows14b 4 150 $TR --nproc_per_node=4 $TT --size 14B --resolution 480 --sp 4 --checkpointing auto --steps 2
-run rows14b 2 150 $TR --nproc_per_node=2 $TT --size 14B --resolution 480 --sp 2 --checkpointing auto --steps 2
-run more14b 4 240 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2
+run rows14b 2 300 $TR --nproc_per_node=2 $TT --size 14B --resolution 720 --sp 2 --checkpointing auto --steps 1 --warmup 2
+run rows14b 4 150 $TR --nproc_per_node=4 $TT --size 14B --resolution 480 --sp 4 --checkpointing auto --steps 2 --warmup 2
+run rows14b 2 150 $TR --nproc_per_node=2 $TT --size 14B --resolution 480 --sp 2 --checkpointing auto --steps 2 --warmup 2
+run more14b 4 300 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2 --warmup 2
 run more14b 1 200 $ONE python3 $TT --size 14B --resolution 480 --checkpointing full --steps 2
 # gen14b: 14B generation at 480p on 1 GPU and at 720p on 2 and 4 GPUs (more14b: 720p on 1 GPU)
 run gen14b 1 120 $ONE python3 $GT --size 14B --resolution 480 --measured_steps 1
@@ -85,3 +86,7 @@ print(f"RESULT LoRA generation, 1 vs 2 GPUs: {a.shape[0]} frames, mean |diff| {n
 PY
 fi
 python3 -m benchmarks.report
+# the rows this run wrote (benchmarks/results also holds older rows), packed for copying back
+find benchmarks/results -name '*.json' -newer "$OUT/.start" | sort > "$OUT/written.txt"
+echo "rows written by this run: $(wc -l < "$OUT/written.txt") (list in $OUT/written.txt, packed in $OUT/written.tgz)"
+tar czf "$OUT/written.tgz" -T "$OUT/written.txt"
