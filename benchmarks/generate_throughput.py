@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import card_suffix, machine_fields
+from toolkit.model.fused import COMPILE_MODES
+
 RESULTS = Path(__file__).resolve().parent / "results"
 VIDEO_SIZES = {"720": (704, 1280), "480": (432, 768)}
 
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sp", type=int, default=1)
     p.add_argument("--measured_steps", type=int, default=3)
     p.add_argument("--attention_backend", default="auto")
-    p.add_argument("--compile", default="auto", choices=["auto", "elementwise", "none"],
+    p.add_argument("--compile", default="auto", choices=COMPILE_MODES,
                    help="torch.compile of the elementwise maths; auto = on CUDA")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
@@ -101,13 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         "attention_backend": model.attention.backend_used, "compile": elementwise_of(model).describe(),
     }
     if device.type == "cuda":
-        from benchmarks.train_throughput import _driver
-
-        row.update(peak_allocated_gib=torch.cuda.max_memory_allocated(device) / 2**30, gpu=torch.cuda.get_device_name(device),
-                   torch=torch.__version__, driver=_driver(), cudnn=torch.backends.cudnn.version())
+        row["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    row |= machine_fields(device)
     if topo.is_main:
-        from benchmarks.report import card_suffix
-
         name = f"generate_{args.size}_{args.resolution}p_sp{args.sp}{('_' + args.tag) if args.tag else ''}{card_suffix(row.get('gpu'))}"
         (RESULTS / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
         print(f"RESULT {name}: {step:.2f} s per guided step, encode {encode_s:.2f} s, decode {decode_s:.2f} s, "

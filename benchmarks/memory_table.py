@@ -1,31 +1,57 @@
 """What fits: the dry-run memory plan for 2B/14B at 480p/720p on 1, 2, 4 and 8 GPUs (SP = GPUs, batch 1).
 
     python -m benchmarks.memory_table [--gpu_memory_gib 80]
+    python -m benchmarks.memory_table --against_results     # the plan against every measured LoRA row's peak
 
 Per cell: the cheapest activation-checkpointing policy that fits (none < selective < full) and its estimate in
 GiB, or `no` when even full recompute does not fit; each size with its default DeepSpeed JSON (2B: replicated base,
-ZeRO-2; 14B: ZeRO-3). The estimate is checked against measured peaks in
-docs/performance.md.
+ZeRO-2; 14B: ZeRO-3). `--against_results` checks the estimate against the peak allocated memory of every LoRA row
+in benchmarks/results/*.json (same size, resolution, SP, policy, ZeRO stage and compile setting as the row).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from toolkit.config import load_run_config
 from toolkit.train.plan import configured_zero_stage, estimate_memory
 
 EXPERIMENTS = {"2B": "predict2_video2world_lora_training_2b_custom_data", "14B": "predict2_video2world_lora_training_14b_custom_data"}
 SIZES = {"720": (704, 1280), "480": (432, 768)}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _config(size: str, resolution: str, sp: int, compile_mode: str = "auto"):
+    height, width = SIZES[resolution]
+    return load_run_config(EXPERIMENTS[size], None, [
+        "model.config.allow_random_base=true", "model.config.dit_path=", f"model.config.resolution={resolution}",
+        f"dataloader_train.dataset.video_size=[{height},{width}]", f"model_parallel.context_parallel_size={sp}",
+        "dataloader_train.batch_size=1", f"model.config.compile={compile_mode}",
+    ])
+
+
+def against_results() -> list[str]:
+    """One line per measured LoRA row: the plan's estimate, the measured peak and the error."""
+    from benchmarks.report import card
+
+    lines = ["| row | card | compile | estimate GiB | measured GiB | error |", "|---|---|---|---|---|---|"]
+    for path in sorted(RESULTS.glob("train_lora_*.json")):
+        r = json.loads(path.read_text())
+        if r["size"] not in EXPERIMENTS or "peak_allocated_gib" not in r:
+            continue
+        compile_mode = "none" if r.get("compile", "none") == "none" else "elementwise"
+        cfg = _config(r["size"], r["resolution"], r["sp"], compile_mode)
+        estimate = estimate_memory(cfg, r["world_size"], r["checkpointing"], r["zero_stage"]).total_bytes / 2**30
+        measured = r["peak_allocated_gib"]
+        lines.append(f"| {path.stem} | {card(r.get('gpu'))} | {compile_mode} | {estimate:.1f} | {measured:.1f} "
+                     f"| {(estimate - measured) / measured:+.0%} |")
+    return lines
 
 
 def cell(size: str, resolution: str, gpus: int, limit: float) -> str:
-    height, width = SIZES[resolution]
-    cfg = load_run_config(EXPERIMENTS[size], None, [
-        "model.config.allow_random_base=true", "model.config.dit_path=", f"model.config.resolution={resolution}",
-        f"dataloader_train.dataset.video_size=[{height},{width}]", f"model_parallel.context_parallel_size={gpus}",
-        "dataloader_train.batch_size=1",
-    ])
+    cfg = _config(size, resolution, gpus)
     for policy in ("none", "selective", "full"):
         total = estimate_memory(cfg, gpus, policy, configured_zero_stage(cfg)).total_bytes / 2**30
         if total <= 0.95 * limit:
@@ -36,7 +62,11 @@ def cell(size: str, resolution: str, gpus: int, limit: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu_memory_gib", type=float, default=80.0)
+    parser.add_argument("--against_results", action="store_true", help="estimate vs measured peak for every LoRA row")
     args = parser.parse_args(argv)
+    if args.against_results:
+        print("\n".join(against_results()))
+        return 0
     gpus = (1, 2, 4, 8)
     print("| model | resolution | " + " | ".join(f"{g} GPU{'s' if g > 1 else ''} (SP={g})" for g in gpus) + " |")
     print("|---|---|" + "---|" * len(gpus))

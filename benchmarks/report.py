@@ -25,6 +25,30 @@ def card(gpu_name: str | None) -> str:
     return found.group(1) if found else ("cpu" if not gpu_name else gpu_name)
 
 
+def machine_fields(device) -> dict:
+    """The card, driver and library versions a GPU row records (empty on CPU, where only deepspeed is noted)."""
+    import subprocess
+
+    import torch
+
+    fields = {}
+    if device.type == "cuda":
+        try:
+            query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+            driver = subprocess.run(query, capture_output=True, text=True).stdout.split("\n")[0]
+        except OSError:
+            driver = "unknown"
+        fields = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                  "cudnn": torch.backends.cudnn.version(), "driver": driver}
+    try:
+        import deepspeed
+
+        fields["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        pass
+    return fields
+
+
 def card_suffix(gpu_name: str | None) -> str:
     """File-name suffix that keeps rows from other cards apart from the H100 rows the targets are stated for."""
     short = card(gpu_name)

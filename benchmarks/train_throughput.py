@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import card_suffix, machine_fields
+from toolkit.model.fused import COMPILE_MODES
+
 RESULTS = Path(__file__).resolve().parent / "results"
 VIDEO_SIZES = {"720": (704, 1280), "480": (432, 768)}
 RANK = {"2B": 16, "14B": 32, "tiny": 8}
@@ -41,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sp", type=int, default=1, help="sequence-parallel size (launch this many processes per SP group)")
     p.add_argument("--checkpointing", default="selective", choices=["none", "full", "selective", "auto"])
     p.add_argument("--attention_backend", default="auto")
-    p.add_argument("--compile", default="auto", choices=["auto", "elementwise", "none"],
+    p.add_argument("--compile", default="auto", choices=COMPILE_MODES,
                    help="torch.compile of the elementwise maths (model.config.compile); auto = on CUDA")
     p.add_argument("--profile", action="store_true",
                    help="profile one more step after timing: host syncs and GPU idle time (torch.profiler)")
@@ -143,7 +146,7 @@ def run_lora(args) -> dict:
     from toolkit.parallel.engine import build_engine
     from toolkit.parallel.topology import init_distributed
     from toolkit.train.build import assemble_model
-    from toolkit.train.loop import _reduce_step, forward_backward_step, step_generator
+    from toolkit.train.loop import forward_backward_step, reduce_step, step_generator
     from toolkit.train.optim import build_optimizer
 
     topo = init_distributed(args.sp)
@@ -177,7 +180,7 @@ def run_lora(args) -> dict:
     def step(i: int) -> float:  # what toolkit.train.loop does per iteration, with the same host syncs
         generator = step_generator(0, topo.dp_rank, 0, 0, topo.device)
         loss = forward_backward_step(engine, latent, text, cfg.model.objective, generator, split)
-        return _reduce_step(loss, False, topo.device)[0]
+        return reduce_step(loss, False, topo.device)[0]
 
     times, losses = _time_steps(step, args.warmup, args.steps, topo.device)
     profiled = _profile_step(step, args.warmup + args.steps, topo.device) if args.profile else {}
@@ -273,28 +276,9 @@ def finish_row(args, result: dict) -> dict:
         "mfu": mfu(step_flops, median, result["world_size"], H100_BF16_DENSE_FLOPS),
     }
     if device.type == "cuda":
-        row.update(
-            peak_allocated_gib=torch.cuda.max_memory_allocated(device) / 2**30,
-            peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30,
-            gpu=torch.cuda.get_device_name(device), torch=torch.__version__, cudnn=torch.backends.cudnn.version(),
-            driver=_driver(),
-        )
-    try:
-        import deepspeed
-
-        row["deepspeed"] = deepspeed.__version__
-    except ImportError:
-        pass
-    return row
-
-
-def _driver() -> str:
-    try:
-        import subprocess
-
-        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True).stdout.split("\n")[0]
-    except OSError:
-        return "unknown"
+        row.update(peak_allocated_gib=torch.cuda.max_memory_allocated(device) / 2**30,
+                   peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30)
+    return row | machine_fields(device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,8 +291,6 @@ def main(argv: list[str] | None = None) -> int:
     is_main = result["is_main"]
     row = finish_row(args, result)
     if is_main:
-        from benchmarks.report import card_suffix
-
         name = (f"train_{args.mode}_{args.size}_{args.resolution}p_sp{row['sp']}_w{row['world_size']}_{row['checkpointing']}"
                 f"{('_' + args.tag) if args.tag else ''}{card_suffix(row.get('gpu'))}")
         path = Path(args.out) if args.out else RESULTS / f"{name}.json"

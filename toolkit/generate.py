@@ -45,7 +45,7 @@ from toolkit.generate_models import (
     model_dir,
     start_distributed,
 )
-from toolkit.model.fused import apply_compile, elementwise_of
+from toolkit.model.fused import COMPILE_MODES, apply_compile, elementwise_of
 from toolkit.pipeline import (
     ASPECT_RATIOS,
     FRAMES_PER_FPS,
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--attention_backend", default="auto", choices=("auto", "cudnn", "flash", "efficient", "math"),
         help="PyTorch SDPA kernel; auto = cuDNN first on Hopper, the one that ran goes into the sidecar")
     add("--rope_bf16", action="store_true", help="bf16 RoPE angle table, as the official pipeline (bit-exact)")
-    add("--compile", default="auto", choices=("auto", "elementwise", "none"),
+    add("--compile", default="auto", choices=COMPILE_MODES,
         help="torch.compile of the DiT's elementwise maths (norms, RoPE, modulation); auto = on CUDA only")
     add("--benchmark", action="store_true", help="time every stage and sampling step (CUDA-synchronised) and print them")
     _add_lora_and_other_flags(parser)
@@ -150,7 +150,7 @@ class Settings:
     num_gpus: int
     merge_lora: bool
     benchmark: bool
-    compile: str = "auto"
+    compile: str
 
 
 def _default_paths(args: argparse.Namespace) -> tuple[str, str, str]:

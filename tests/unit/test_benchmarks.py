@@ -70,3 +70,16 @@ def test_train_benchmark_runs_on_cpu(tmp_path):
     assert row["compile"] == "none" and row["checkpointing"] == "selective" and row["attention_backend"] == "cpu-default"
     assert len(row["times"]) == 1 and len(row["losses"]) == 2 and row["first_loss"] > 0
     assert "profile_syncs" not in row  # the profiler check needs CUDA
+
+
+
+def test_memory_plan_against_every_measured_row():
+    from benchmarks.memory_table import RESULTS, against_results
+
+    measured = {p.stem for p in RESULTS.glob("train_lora_*.json") if "peak_allocated_gib" in json.loads(p.read_text())}
+    lines = against_results()[2:]
+    assert {line.split("|")[1].strip() for line in lines} == measured and measured
+    for line in lines:
+        compile_mode, estimate, peak, error = (cell.strip() for cell in line.split("|")[3:7])
+        assert compile_mode in ("none", "elementwise") and float(estimate) > 0 and float(peak) > 0
+        assert error[0] in "+-" and error.endswith("%")

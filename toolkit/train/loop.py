@@ -165,7 +165,7 @@ def train_step(session: Session, batches, iteration: int) -> torch.Tensor | None
     return torch.stack(losses).mean()
 
 
-def _reduce_step(loss: torch.Tensor | None, stop: bool, device: torch.device) -> tuple[float, bool]:
+def reduce_step(loss: torch.Tensor | None, stop: bool, device: torch.device) -> tuple[float, bool]:
     """(mean loss over ranks, whether any rank was asked to stop) with one all-reduce and one host read per step."""
     flag = torch.tensor(1.0 if stop else 0.0, dtype=torch.float64, device=device)
     value = torch.stack([loss.double() if loss is not None else torch.zeros_like(flag), flag])
@@ -249,7 +249,7 @@ def train(session: Session, log=print) -> dict:
         lr = _set_lr(session, iteration)
         step_loss = train_step(session, batches, iteration)
         applied = step_loss is not None
-        loss, stop = _reduce_step(step_loss, preemption.requested, topo.device)
+        loss, stop = reduce_step(step_loss, preemption.requested, topo.device)
         consecutive_nan = 0 if applied else consecutive_nan + 1
         skipped += 0 if applied else 1
         if consecutive_nan >= cfg.trainer.max_consecutive_nan_steps:

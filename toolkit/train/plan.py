@@ -26,7 +26,7 @@ from toolkit.model import build_dit, count_parameters, resolve_dit_config
 from toolkit.train.metrics import num_tokens, sample_flops
 
 GIB = 1 << 30
-KEPT_BYTES_PER_TOKEN_PER_D = {"none": 54.0, "full": 2.0, "selective": 6.0}
+KEPT_BYTES_PER_TOKEN_PER_D = {"full": 2.0, "selective": 6.0}  # `none` keeps a block's full set (below)
 BLOCK_BYTES_PER_TOKEN_PER_D = {"none": 54.0, "elementwise": 48.0}  # one block's full set, by model.config.compile
 OVERHEAD_BYTES = 3 * GIB
 ZERO_INIT_ACTIVATION_FACTOR = 1.2
