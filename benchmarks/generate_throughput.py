@@ -5,10 +5,13 @@
     python -m benchmarks.generate_throughput --size tiny --measured_steps 2              # CPU smoke test
 
 Random weights at the real sizes (the DiT and the Wan2.1 VAE); the T5 embedding is a random [512, 1024] tensor (T5
-runs once per prompt and is not part of the per-video time upstream publishes either). Timed: VAE encode of the
-conditioning clip, `measured_steps` guided steps (two DiT forwards each, after one warm-up step), VAE decode. The
-per-video time is encode + 36 guided calls (35 steps and the final x0 call) + decode, extrapolated from the
-measured steps and labelled as such. Compare with upstream's published times (benchmarks/report.py lists them).
+runs once per prompt and is not part of the per-video time upstream publishes either); the input is an image (frame
+0 of an otherwise black clip). Timed, in this order: VAE encode of the conditioning frames (the toolkit's path; and,
+for comparison, of the whole clip, as before), VAE decode, one warm-up guided step (compilation), `measured_steps` guided steps (two DiT forwards each). The per-video
+time is encode + 36 guided calls (35 steps and the final x0 call) + decode, extrapolated from the measured steps and
+labelled as such; `--full_video` also generates one whole video through `Video2WorldPipeline` and times it end to
+end (after the warm-up: what each video costs in a running process). Compare with upstream's published times
+(benchmarks/report.py lists them).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.profiling import describe_profile, profile_call
 from benchmarks.report import card_suffix, machine_fields
 from toolkit.model.fused import COMPILE_MODES
 
@@ -50,18 +54,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention_backend", default="auto")
     p.add_argument("--compile", default="auto", choices=COMPILE_MODES,
                    help="torch.compile of the elementwise maths; auto = on CUDA")
+    p.add_argument("--full_video", action="store_true",
+                   help="also generate one whole video through the toolkit's pipeline and time it end to end")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more guided step: host syncs, GPU idle time, kernel time by kind")
     p.add_argument("--tag", default="")
+    p.add_argument("--out", default="", help="write the row here instead of benchmarks/results/<name>.json")
     args = p.parse_args(argv)
 
     from diffusers import AutoencoderKLWan
 
+    import numpy as np
+
     from toolkit.compat import silence_known_library_warnings
-    from toolkit.diffusion import ObjectiveConfig, condition_mask, guided_denoise_fn
+    from toolkit.diffusion import ObjectiveConfig, guided_denoise_fn
+    from toolkit.diffusion.schedule import SamplerConfig
     from toolkit.encoders.wan_vae import WanVAE
     from toolkit.model import build_dit
     from toolkit.model.fused import apply_compile, elementwise_of
     from toolkit.parallel.topology import init_distributed
     from toolkit.parallel.ulysses import apply_sequence_parallel
+    from toolkit.pipeline import Video2WorldPipeline, clip_to_video, encode_condition
 
     silence_known_library_warnings()
     topo = init_distributed(args.sp)
@@ -77,16 +90,23 @@ def main(argv: list[str] | None = None) -> int:
     else:
         vae = WanVAE(AutoencoderKLWan().to(device=device, dtype=dtype).eval(), {"path": "random"})
         (height, width), frames = VIDEO_SIZES[args.resolution], 93
-    clip = torch.full((1, 3, frames, height, width), -1.0, device=device)
-    clip[:, :, 0] = torch.rand(1, 3, height, width, device=device) * 2 - 1
+    # an image input: frame 0, then black (what build_condition_clip makes of a picture)
+    clip_T_H_W_3 = np.zeros((frames, height, width, 3), dtype=np.uint8)
+    clip_T_H_W_3[0] = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    vae_row = {}
     with torch.no_grad():
-        latent, encode_s = _timed(lambda: vae.encode(clip), device)
+        # 1. VAE: the toolkit's path (the conditioning frames only) against the whole clip, as before
+        condition = lambda: encode_condition(vae, clip_to_video(clip_T_H_W_3[:1]).to(device), 1, frames)  # noqa: E731
+        (latent, mask), vae_row["vae_encode_first_s"] = _timed(condition, device)
+        _, vae_row["vae_encode_s"] = _timed(condition, device)
+        _, vae_row["vae_encode_whole_clip_s"] = _timed(lambda: vae.encode(clip_to_video(clip_T_H_W_3).to(device)), device)
+        _, vae_row["vae_decode_s"] = _timed(lambda: vae.decode(latent), device)
     B, C, T, H, W = latent.shape
-    mask = condition_mask(torch.ones(1, dtype=torch.int64, device=device), (1, 1, T, H, W))
     g = torch.Generator().manual_seed(1)
     text, negative = (torch.randn(1, 512, 1024, generator=g).to(device) for _ in range(2))
+    # 2. guided steps (two DiT forwards each), after one warm-up step (compilation)
     denoise = guided_denoise_fn(model, latent, mask, text, negative, 7.0, ObjectiveConfig())
     x = torch.randn(latent.shape, generator=g).to(device) * 80.0
     step_times = []
@@ -94,13 +114,22 @@ def main(argv: list[str] | None = None) -> int:
         _, seconds = _timed(lambda: denoise(x, 80.0 / (i + 1)), device)
         if i:
             step_times.append(seconds)
-    with torch.no_grad():
-        _, decode_s = _timed(lambda: vae.decode(latent), device)
+        else:
+            vae_row["first_step_s"] = seconds
+    profiled = profile_call(lambda: denoise(x, 1.0), device) if args.profile else {}
+    # 3. a whole video through the toolkit's pipeline (encode, 35 steps + the final x0 call, decode), timed
+    full = {}
+    if args.full_video:
+        pipeline = Video2WorldPipeline(model, vae, SamplerConfig(), device=device)
+        result = pipeline.generate(clip_T_H_W_3, text, negative, 1, seed=0, synchronize=True)
+        full = {"video_s_measured": sum(result.timings.values()), "video_timings": result.timings,
+                "video_guided_calls": len(result.step_seconds)}
     step = statistics.median(step_times)
     row = {
         "size": args.size, "resolution": args.resolution, "sp": args.sp, "world_size": topo.world_size, "tag": args.tag,
-        "latent": [C, T, H, W], "seconds_per_guided_step": step, "step_times": step_times,
-        "vae_encode_s": encode_s, "vae_decode_s": decode_s, "video_s_extrapolated": encode_s + 36 * step + decode_s,
+        "latent": [C, T, H, W], "seconds_per_guided_step": step, "step_times": step_times, **vae_row,
+        "vae_encode_frames": 1,
+        "video_s_extrapolated": vae_row["vae_encode_s"] + 36 * step + vae_row["vae_decode_s"], **full, **profiled,
         "attention_backend": model.attention.backend_used, "compile": elementwise_of(model).describe(),
     }
     if device.type == "cuda":
@@ -108,10 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     row |= machine_fields(device)
     if topo.is_main:
         name = f"generate_{args.size}_{args.resolution}p_sp{args.sp}{('_' + args.tag) if args.tag else ''}{card_suffix(row.get('gpu'))}"
-        (RESULTS / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
-        print(f"RESULT {name}: {step:.2f} s per guided step, encode {encode_s:.2f} s, decode {decode_s:.2f} s, "
-              f"video {row['video_s_extrapolated']:.1f} s (extrapolated), backend {row['attention_backend']}, "
-              f"compile {row['compile']}")
+        path = Path(args.out) if args.out else RESULTS / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(row, indent=2) + "\n")
+        measured = f", {row['video_s_measured']:.1f} s measured" if full else ""
+        print(f"RESULT {name}: {step:.2f} s per guided step, encode {row['vae_encode_s']:.2f} s "
+              f"(whole clip: {row['vae_encode_whole_clip_s']:.2f} s), decode {row['vae_decode_s']:.2f} s, "
+              f"video {row['video_s_extrapolated']:.1f} s extrapolated"
+              f"{measured}, backend {row['attention_backend']}, compile {row['compile']}")
+        if profiled:
+            print(f"RESULT profile: {describe_profile(row)}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

@@ -32,20 +32,28 @@ def _config(size: str, resolution: str, sp: int, compile_mode: str = "auto"):
     ])
 
 
+def estimates_against_results() -> list[tuple[str, dict, str, float]]:
+    """(row name, row, compile setting, estimate GiB) for every measured LoRA row in benchmarks/results."""
+    rows = []
+    for path in sorted(RESULTS.glob("train_lora_*.json")):
+        r = json.loads(path.read_text())
+        if r["size"] not in EXPERIMENTS or "peak_allocated_gib" not in r:
+            continue
+        compile_mode = "none" if r.get("compile", "none") == "none" else "elementwise"  # rows before compile: eager
+        cfg = _config(r["size"], r["resolution"], r["sp"], compile_mode)
+        estimate = estimate_memory(cfg, r["world_size"], r["checkpointing"], r["zero_stage"]).total_bytes / 2**30
+        rows.append((path.stem, r, compile_mode, estimate))
+    return rows
+
+
 def against_results() -> list[str]:
     """One line per measured LoRA row: the plan's estimate, the measured peak and the error."""
     from benchmarks.report import card
 
     lines = ["| row | card | compile | estimate GiB | measured GiB | error |", "|---|---|---|---|---|---|"]
-    for path in sorted(RESULTS.glob("train_lora_*.json")):
-        r = json.loads(path.read_text())
-        if r["size"] not in EXPERIMENTS or "peak_allocated_gib" not in r:
-            continue
-        compile_mode = "none" if r.get("compile", "none") == "none" else "elementwise"
-        cfg = _config(r["size"], r["resolution"], r["sp"], compile_mode)
-        estimate = estimate_memory(cfg, r["world_size"], r["checkpointing"], r["zero_stage"]).total_bytes / 2**30
+    for name, r, compile_mode, estimate in estimates_against_results():
         measured = r["peak_allocated_gib"]
-        lines.append(f"| {path.stem} | {card(r.get('gpu'))} | {compile_mode} | {estimate:.1f} | {measured:.1f} "
+        lines.append(f"| {name} | {card(r.get('gpu'))} | {compile_mode} | {estimate:.1f} | {measured:.1f} "
                      f"| {(estimate - measured) / measured:+.0%} |")
     return lines
 

@@ -86,7 +86,7 @@ def _reference_times(rows: list[dict]) -> dict[tuple, float]:
 def train_table(rows: list[dict]) -> list[str]:
     head = ("| card | mode | size | res | GPUs | SP | ZeRO | ckpt | attention | compile | s/it | samples/s | tokens/s/GPU | MFU "
             "| of kernel ceiling | scaling vs 1 GPU | peak alloc GiB | peak reserved GiB | first loss | tag |")
-    lines = [head, "|" + "---|" * 20]
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     single = _reference_times(rows)
     for r in sorted(rows, key=lambda r: (card(r.get("gpu")), r["size"], r["resolution"], r["mode"], r["world_size"], r["median_s_per_iter"])):
         base = single.get((card(r.get("gpu")), r["size"], r["resolution"], r.get("compile", "none")))
@@ -107,15 +107,35 @@ def train_table(rows: list[dict]) -> list[str]:
 
 
 def generate_table(rows: list[dict]) -> list[str]:
-    lines = ["| card | size | res | GPUs | attention | compile | s per guided step | of kernel ceiling | VAE encode s | VAE decode s "
-             "| s per video (extrapolated) | upstream s per video (1 H100) | tag |", "|" + "---|" * 12]
+    header = ("| card | size | res | GPUs | attention | compile | s per guided step | of kernel ceiling | VAE encode s "
+              "| VAE decode s | s per video (extrapolated) | s per video (measured) | upstream s per video (1 H100) | tag |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in sorted(rows, key=lambda r: (card(r.get("gpu")), r["size"], r["resolution"], r["world_size"], r.get("tag", ""))):
         upstream = UPSTREAM_GENERATE.get((r["size"], r["resolution"]))
+        # rows from before the conditioning-frames-only encode timed the whole clip
+        encode = f"{r['vae_encode_s']:.2f}" + ("" if "vae_encode_frames" in r else " (whole clip)")
+        measured = f"{r['video_s_measured']:.1f}" if "video_s_measured" in r else "-"
         lines.append(
             f"| {card(r.get('gpu'))} | {r['size']} | {r['resolution']}p | {r['world_size']} | {r['attention_backend']} | {r.get('compile', 'none')} "
-            f"| {r['seconds_per_guided_step']:.2f} | {_floor(r, 'generate'):.0%} | {r['vae_encode_s']:.2f} | {r['vae_decode_s']:.2f} | {r['video_s_extrapolated']:.1f} | {upstream if upstream else '-'} "
-            f"| {r.get('tag', '')} |"
+            f"| {r['seconds_per_guided_step']:.2f} | {_floor(r, 'generate'):.0%} | {encode} | {r['vae_decode_s']:.2f} "
+            f"| {r['video_s_extrapolated']:.1f} | {measured} | {upstream if upstream else '-'} | {r.get('tag', '')} |"
         )
+    return lines
+
+
+def attention_table(files: list[dict]) -> list[str]:
+    """One line per (card, shape, kernel) of benchmarks/attention_kernels.py's files."""
+    header = "| card | shape | query x key tokens | heads | kernel | forward ms | forward TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | max abs diff vs cuDNN |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for f in files:
+        for r in f["rows"]:
+            cells = [f"{r[key] * 1e3:.2f}" if key in r else "-" for key in ("forward_s",)]
+            cells += [f"{r['forward_tflops']:.0f}" if "forward_tflops" in r else r.get("error", "-")[:60]]
+            cells += [f"{r['forward_backward_s'] * 1e3:.2f}" if "forward_backward_s" in r else "-"]
+            cells += [f"{r['forward_backward_tflops']:.0f}" if "forward_backward_tflops" in r else "-"]
+            cells += [f"{r['max_abs_diff_vs_first']:.1e}" if "max_abs_diff_vs_first" in r else "-"]
+            lines.append(f"| {card(f.get('gpu'))} | {r['shape']} | {r['tokens']:,} x {r.get('key_tokens', r['tokens']):,} | {r['heads']} "
+                         f"| {r['kernel']} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -133,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         for gpu, r in sorted(machines.items())) + ". The targets are stated for H100; other cards' rows compare only with "
         "rows of the same card.", ""]
     body = header + ["### Training (LoRA step)", ""] + train_table(train) + ["", "### Generation", ""] + generate_table(generate)
+    kernels = _rows("attention_kernels") + [json.loads(p.read_text()) for p in sorted(RESULTS.glob("attention_kernels.json"))]
+    if kernels:
+        body += ["", "### Attention kernels (`python -m benchmarks.attention_kernels`, bf16, batch 1, head dim 128)", ""]
+        body += attention_table(kernels)
     print("\n".join(body))
     if DOC.exists():
         text = DOC.read_text()

@@ -4,8 +4,9 @@
 #
 #   bash benchmarks/run_gpu_matrix.sh [OUTDIR=/tmp/gpu_out]
 #   WHEELHOUSE=.whl bash benchmarks/run_gpu_matrix.sh      # air-gapped node: install the wheels first
-#   SETS="compile rows2b" bash benchmarks/run_gpu_matrix.sh # only some sets: compile rows2b gen14b rows14b more14b
-#                                                           # zero3 lora_generate; MIN_GPUS=2 skips 1-GPU rows
+#   SETS="compile rows2b" bash benchmarks/run_gpu_matrix.sh # only some sets: compile attention generate generate14b rows2b
+#                                                           # gen14b rows14b more14b zero3 lora_generate;
+#                                                           # MIN_GPUS=2 skips 1-GPU rows
 #
 # Checks inside: SP=2/4 first-step loss equals SP=1 (the `first loss` column), LoRA generation on 1 and 2 GPUs gives
 # identical frames, the issue-2 forward+backward of the 2B at 720p. Each row has its own timeout.
@@ -41,15 +42,30 @@ run compile 2 120 $TR --nproc_per_node=2 $TT --size 2B --resolution 720 --sp 2 -
 run compile 2 120 $TR --nproc_per_node=2 $TT --size 2B --resolution 720 --sp 2 --checkpointing auto --steps 3 $R2B --compile none --tag replicated_base_eager
 run compile 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing auto --steps 3 $R2B
 run compile 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing auto --steps 3 $R2B --compile none --tag replicated_base_eager
-run compile 1 150 $ONE python3 $GT --size 2B --resolution 720 --measured_steps 2
-run compile 1 150 $ONE python3 $GT --size 2B --resolution 720 --measured_steps 2 --compile none --tag eager
-# rows2b: 2B at 480p and 720p on 1, 2, 4 GPUs (default JSON); generation at 480p and on 2 GPUs
+run compile 1 150 $ONE python3 $GT --size 2B --resolution 720 --measured_steps 2 --compile none --tag eager --attention_backend cudnn
+# generate: one whole 2B video per resolution through the pipeline, timed end to end, with the VAE before/after
+# (conditioning frames only) and a profiled guided step, with PyTorch's cuDNN attention and, where FlashAttention-4
+# is installed, with it (what `auto` then picks); generate14b: the 14B on one GPU; attention: the kernels alone
+FA4=$(python3 -c "from toolkit.model.attention import fa4_installed; print(int(fa4_installed()))" 2>/dev/null || echo 0)
+CU="--attention_backend cudnn"
+run attention 1 300 $ONE python3 -m benchmarks.attention_kernels
+run generate 1 420 $ONE python3 $GT --size 2B --resolution 720 --measured_steps 2 --full_video --profile $CU
+run generate 1 150 $ONE python3 $GT --size 2B --resolution 480 --measured_steps 2 --full_video $CU
+run generate14b 1 150 $ONE python3 $GT --size 14B --resolution 480 --measured_steps 1 $CU
+run generate14b 1 200 $ONE python3 $GT --size 14B --resolution 720 --measured_steps 1 $CU
+if [ "$FA4" = 1 ]; then
+  run generate 1 400 $ONE python3 $GT --size 2B --resolution 720 --measured_steps 1 --full_video --attention_backend fa4 --tag fa4
+  run generate 1 100 $ONE python3 $GT --size 2B --resolution 480 --measured_steps 2 --full_video --attention_backend fa4 --tag fa4
+  run generate14b 1 200 $ONE python3 $GT --size 14B --resolution 720 --measured_steps 1 --attention_backend fa4 --tag fa4
+else
+  echo "=== FlashAttention-4 not installed: its generation rows are skipped (pip install -e '.[fa4]')"
+fi
+# rows2b: 2B at 480p and 720p on 1, 2, 4 GPUs (default JSON); a whole 720p video on 2 GPUs
 run compile 1 150 $ONE python3 $TT --mode diffusers --size 2B --resolution 720 --steps 1
 run rows2b 1 120 $ONE python3 $TT --size 2B --resolution 480 --checkpointing auto --steps 3 $R2B
 run rows2b 2 120 $TR --nproc_per_node=2 $TT --size 2B --resolution 480 --sp 2 --checkpointing auto --steps 3 $R2B
 run rows2b 4 120 $TR --nproc_per_node=4 $TT --size 2B --resolution 480 --sp 4 --checkpointing auto --steps 3 $R2B
-run rows2b 1 60 $ONE python3 $GT --size 2B --resolution 480 --measured_steps 2
-run rows2b 2 120 $TR --nproc_per_node=2 $GT --size 2B --resolution 720 --sp 2 --measured_steps 2
+run rows2b 2 240 $TR --nproc_per_node=2 $GT --size 2B --resolution 720 --sp 2 --measured_steps 2 --full_video --attention_backend cudnn
 # zero3: the 2B under ZeRO-3 (ds_configs/2b.json) for comparison, and the issue-2 forward+backward
 run zero3 1 150 $ONE python3 $TT --mode fwdbwd --size 2B --resolution 720 --checkpointing selective --steps 1
 run zero3 1 180 $ONE python3 $TT --size 2B --resolution 720 --checkpointing selective --steps 3 $Z2B
@@ -66,11 +82,9 @@ run rows14b 4 150 $TR --nproc_per_node=4 $TT --size 14B --resolution 480 --sp 4 
 run rows14b 2 150 $TR --nproc_per_node=2 $TT --size 14B --resolution 480 --sp 2 --checkpointing auto --steps 2 --warmup 2
 run more14b 4 300 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2 --warmup 2
 run more14b 1 200 $ONE python3 $TT --size 14B --resolution 480 --checkpointing full --steps 2
-# gen14b: 14B generation at 480p on 1 GPU and at 720p on 2 and 4 GPUs (more14b: 720p on 1 GPU)
-run gen14b 1 120 $ONE python3 $GT --size 14B --resolution 480 --measured_steps 1
-run gen14b 2 150 $TR --nproc_per_node=2 $GT --size 14B --resolution 720 --sp 2 --measured_steps 1
-run gen14b 4 150 $TR --nproc_per_node=4 $GT --size 14B --resolution 720 --sp 4 --measured_steps 2
-run more14b 1 170 $ONE python3 $GT --size 14B --resolution 720 --measured_steps 1
+# gen14b: 14B generation at 720p on 2 and 4 GPUs (generate14b: on 1 GPU)
+run gen14b 2 150 $TR --nproc_per_node=2 $GT --size 14B --resolution 720 --sp 2 --measured_steps 1 $CU
+run gen14b 4 150 $TR --nproc_per_node=4 $GT --size 14B --resolution 720 --sp 4 --measured_steps 2 $CU
 # lora_generate: LoRA generation on 1 and 2 GPUs gives identical frames
 if [ "$SETS" = all ] || [[ " $SETS " == *" lora_generate "* ]]; then
   python3 -m benchmarks.make_random_adapter --size 2B --rank 16 --output "$OUT/adapter_2b" > /dev/null

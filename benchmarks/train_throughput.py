@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.profiling import describe_profile, profile_call
 from benchmarks.report import card_suffix, machine_fields
 from toolkit.model.fused import COMPILE_MODES
 
@@ -47,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", default="auto", choices=COMPILE_MODES,
                    help="torch.compile of the elementwise maths (model.config.compile); auto = on CUDA")
     p.add_argument("--profile", action="store_true",
-                   help="profile one more step after timing: host syncs and GPU idle time (torch.profiler)")
+                   help="profile one more step after timing: host syncs, GPU idle time, kernel time by kind (torch.profiler)")
     p.add_argument("--ds_config", default="", help="DeepSpeed JSON (default: the size's file)")
     p.add_argument("--steps", type=int, default=3, help="measured steps")
     p.add_argument("--warmup", type=int, default=2)
@@ -86,48 +87,6 @@ def _time_steps(step_fn, warmup: int, steps: int, device) -> tuple[list[float], 
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times, losses
-
-
-SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
-
-
-def _profile_step(step_fn, index: int, device) -> dict:
-    """Profile one step: host syncs (CUDA synchronize calls and device-to-host scalar reads) and how long the GPU
-    sat idle between its first and last kernel. Empty on CPU."""
-    if device.type != "cuda":
-        return {}
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step_fn(index)
-        torch.cuda.synchronize()
-    events = prof.events()
-    syncs: dict[str, int] = {}
-    intervals = []
-    for e in events:
-        if e.name in SYNC_CALLS or e.name == "aten::_local_scalar_dense":
-            syncs[e.name] = syncs.get(e.name, 0) + 1
-        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start:
-            intervals.append((e.time_range.start, e.time_range.end))
-    intervals.sort()
-    busy, gaps, end = 0.0, [], None
-    for start, stop in intervals:
-        if end is None or start > end:
-            if end is not None:
-                gaps.append(start - end)
-            busy += stop - start
-            end = stop
-        elif stop > end:
-            busy += stop - end
-            end = stop
-    span = (intervals[-1][1] - intervals[0][0]) if intervals else 0.0
-    return {
-        "profile_syncs": syncs, "profile_gpu_span_ms": span / 1e3, "profile_gpu_busy_ms": busy / 1e3,
-        "profile_gpu_idle_ms": (span - busy) / 1e3, "profile_gaps_over_1ms": sum(g > 1e3 for g in gaps),
-        "profile_largest_gap_ms": max(gaps, default=0.0) / 1e3,
-    }
 
 
 def _compile_stats(model) -> dict:
@@ -183,7 +142,7 @@ def run_lora(args) -> dict:
         return reduce_step(loss, False, topo.device)[0]
 
     times, losses = _time_steps(step, args.warmup, args.steps, topo.device)
-    profiled = _profile_step(step, args.warmup + args.steps, topo.device) if args.profile else {}
+    profiled = profile_call(lambda: step(args.warmup + args.steps), topo.device) if args.profile else {}
     return {**profiled, **_compile_stats(assembled.model),
         "world_size": topo.world_size, "dp": topo.dp_size, "sp": assembled.sp_size, "zero_stage": ds_config["zero_optimization"]["stage"],
         "checkpointing": assembled.checkpointing, "attention_backend": assembled.model.attention.backend_used,
@@ -300,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
               f"peak {row.get('peak_allocated_gib', 0):.1f} GiB, backend {row['attention_backend']}, compile {row.get('compile')} "
               f"({row.get('compiled_graphs', 0)} graphs), first loss {row['first_loss']:.6f}")
         if "profile_syncs" in row:
-            print(f"RESULT profile: host syncs {row['profile_syncs']}, GPU idle {row['profile_gpu_idle_ms']:.1f} ms of "
-                  f"{row['profile_gpu_span_ms']:.0f} ms, largest gap {row['profile_largest_gap_ms']:.2f} ms")
+            print(f"RESULT profile: {describe_profile(row)}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

@@ -45,6 +45,7 @@ from toolkit.generate_models import (
     model_dir,
     start_distributed,
 )
+from toolkit.model.attention import fa4_installed
 from toolkit.model.fused import COMPILE_MODES, apply_compile, elementwise_of
 from toolkit.pipeline import (
     ASPECT_RATIOS,
@@ -95,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--t5", default=None, help="T5 folder or `tiny`; default checkpoints/google-t5/t5-11b (tiny for --model_size tiny)")
     add("--device", default=None, help="cuda or cpu (default: cuda when available)")
     add("--dtype", default=None, choices=("bf16", "fp32"), help="DiT and VAE dtype (default bf16 on cuda, fp32 on cpu)")
-    add("--attention_backend", default="auto", choices=("auto", "cudnn", "flash", "efficient", "math"),
-        help="PyTorch SDPA kernel; auto = cuDNN first on Hopper, the one that ran goes into the sidecar")
+    add("--attention_backend", default="auto", choices=("auto", "cudnn", "flash", "efficient", "math", "fa4"),
+        help="attention kernel; auto = FlashAttention-4 on Hopper when installed (pip install flash-attn-4 "
+             "'nvidia-cutlass-dsl[cu13]'), else PyTorch SDPA with cuDNN first; the one that ran goes into the sidecar")
     add("--rope_bf16", action="store_true", help="bf16 RoPE angle table, as the official pipeline (bit-exact)")
     add("--compile", default="auto", choices=COMPILE_MODES,
         help="torch.compile of the DiT's elementwise maths (norms, RoPE, modulation); auto = on CUDA only")
@@ -201,6 +203,9 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         problems.append(f"--num_steps {args.num_steps}: must be a positive integer, e.g. 35")
     if args.attention_backend not in ("auto", "math") and not device.startswith("cuda"):
         problems.append(f"--attention_backend {args.attention_backend}: needs a CUDA device; use auto or math on {device}")
+    if args.attention_backend == "fa4" and not fa4_installed():
+        problems.append("--attention_backend fa4: FlashAttention-4 is not installed (pip install flash-attn-4 "
+                        "'nvidia-cutlass-dsl[cu13]'); use auto")
     if args.lora_rank is not None and args.lora_rank < 1:
         problems.append(f"--lora_rank {args.lora_rank}: must be a positive integer, e.g. 16")
     if not args.batch_input_json and (args.input_path is None or args.prompt is None):

@@ -205,18 +205,33 @@ class StageTimer:
 
 
 def encode_condition(
-    vae, video_B_3_T_H_W: torch.Tensor, num_conditional_frames: int
+    vae, video_B_3_T_H_W: torch.Tensor, num_conditional_frames: int, num_frames: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE-encode the whole clip; return its latent `[B, C, T, H, W]` (fp32) and the mask `[B, 1, T, H, W]` that is 1
-    on the first 1 + (n - 1) // 4 latent frames, the conditioning ones."""
-    latent_B_C_T_H_W = vae.encode(video_B_3_T_H_W)
+    """VAE-encode the conditioning frames; return the latent `[B, C, T, H, W]` (fp32) of a `num_frames` clip (default:
+    the video's length) and the mask `[B, 1, T, H, W]` that is 1 on its first k = 1 + (n - 1) // 4 latent frames.
+
+    Only the first n = `num_conditional_frames` pixel frames are encoded (the video may hold just those): the Wan
+    VAE is causal in time (latent frame i depends on pixel frames <= 4i, encoded chunk by chunk with a cache), so
+    they give exactly the k conditioning latents that encoding the whole padded clip gives, as upstream does, at a
+    fraction of the cost (2B 720p: docs/performance.md). The other latent frames are zeros: the mask never lets
+    them reach the network or the output.
+    """
+    num_frames = video_B_3_T_H_W.shape[2] if num_frames is None else num_frames
     num_conditional_latent = num_latent_frames(num_conditional_frames)
-    B, _, T, H, W = latent_B_C_T_H_W.shape
+    T = num_latent_frames(num_frames)
     if num_conditional_latent >= T:
         raise ValueError(
             f"{num_conditional_frames} conditioning frames fill all {T} latent frames, leaving nothing to generate; "
             "generate more frames or condition on fewer"
         )
+    if video_B_3_T_H_W.shape[2] < num_conditional_frames:
+        raise ValueError(
+            f"video has {video_B_3_T_H_W.shape[2]} frames: expected at least the {num_conditional_frames} conditioning frames"
+        )
+    prefix_B_C_k_H_W = vae.encode(video_B_3_T_H_W[:, :, :num_conditional_frames])
+    B, C, _, H, W = prefix_B_C_k_H_W.shape
+    latent_B_C_T_H_W = prefix_B_C_k_H_W.new_zeros(B, C, T, H, W)
+    latent_B_C_T_H_W[:, :, :num_conditional_latent] = prefix_B_C_k_H_W
     count_B = torch.full((B,), num_conditional_latent, dtype=torch.int64, device=latent_B_C_T_H_W.device)
     return latent_B_C_T_H_W, condition_mask(count_B, (B, 1, T, H, W))
 
@@ -259,7 +274,7 @@ class GenerationResult:
     latent: torch.Tensor
     """The sampled latent `[1, C, T, H, W]` (fp32, conditioning frames equal to `condition`)."""
     condition: torch.Tensor
-    """The encoded conditioning clip `[1, C, T, H, W]`; only the masked frames are used."""
+    """The encoded conditioning latent `[1, C, T, H, W]`: the masked frames; zeros elsewhere (never used)."""
     mask: torch.Tensor
     """`[1, 1, T, H, W]`, 1 on conditioning latent frames."""
     timings: dict[str, float] = field(default_factory=dict)
@@ -295,10 +310,12 @@ class Video2WorldPipeline:
     ) -> GenerationResult:
         """Encode the clip, sample with guidance, decode. `clip_T_H_W_3` comes from `build_condition_clip`."""
         timer = StageTimer(synchronize)
-        # 1. the whole clip through the VAE; the first n latent frames become the fixed condition
+        # 1. the conditioning frames through the VAE; their latent frames become the fixed condition
         with timer.measure("vae_encode"):
-            video_B_3_T_H_W = clip_to_video(clip_T_H_W_3).to(self.device)
-            condition_B_C_T_H_W, mask_B_1_T_H_W = encode_condition(self.vae, video_B_3_T_H_W, num_conditional_frames)
+            video_B_3_n_H_W = clip_to_video(clip_T_H_W_3[:num_conditional_frames]).to(self.device)
+            condition_B_C_T_H_W, mask_B_1_T_H_W = encode_condition(
+                self.vae, video_B_3_n_H_W, num_conditional_frames, num_frames=len(clip_T_H_W_3)
+            )
             condition_B_C_T_H_W = condition_B_C_T_H_W.to(self.device)
             mask_B_1_T_H_W = mask_B_1_T_H_W.to(self.device)
         # 2. guided sampling from seeded noise

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.profiling import busy_and_gaps, kernel_kind
 from benchmarks.report import _floor, card, card_suffix, generate_table, train_table
 from toolkit.model import resolve_dit_config
 from toolkit.train.metrics import (
@@ -60,6 +61,42 @@ def test_generate_table_ceiling_uses_two_forwards_per_guided_step():
     assert "| 100% |" in generate_table([row])[-1] and "| 228.8 |" in generate_table([row])[-1]
 
 
+def test_generate_table_columns_match_and_label_whole_clip_rows():
+    row = {"size": "2B", "resolution": "720", "world_size": 1, "latent": [16, 24, 88, 160], "seconds_per_guided_step": 6.0,
+           "vae_encode_s": 3.5, "vae_decode_s": 5.0, "video_s_extrapolated": 224.5, "attention_backend": "cudnn"}
+    header, separator, old = generate_table([row])
+    assert header.count("|") == separator.count("|") == old.count("|")
+    assert "| 3.50 (whole clip) |" in old and old.split("|")[12].strip() == "-"
+    new = generate_table([{**row, "vae_encode_frames": 1, "video_s_measured": 223.0}])[-1]
+    assert "| 3.50 |" in new and new.split("|")[12].strip() == "223.0"
+    train_header, train_separator = train_table([_row("NVIDIA H100 80GB HBM3", 1, 12.0)])[:2]
+    assert train_header.count("|") == train_separator.count("|")
+
+
+def test_kernel_kinds_and_busy_time():
+    assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128") == "attention"
+    assert kernel_kind("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert kernel_kind("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_ndhwc") == "convolution"
+    assert kernel_kind("triton_poi_fused_add_mul_0") == "triton"
+    assert kernel_kind("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)") == "communication"
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<4>") == "other"
+    span, busy, gaps = busy_and_gaps([(0, 10), (5, 12), (20, 25), (30, 31)])
+    assert (span, busy, gaps) == (31, 18, [8, 5])
+
+
+def test_generate_benchmark_runs_on_cpu(tmp_path):
+    out = tmp_path / "row.json"
+    cmd = [sys.executable, "-m", "benchmarks.generate_throughput", "--size", "tiny", "--measured_steps", "1",
+           "--full_video", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(out.read_text())
+    assert row["video_guided_calls"] == 36 and set(row["video_timings"]) == {"vae_encode", "sampling", "vae_decode"}
+    assert row["video_s_measured"] == pytest.approx(sum(row["video_timings"].values()))
+    assert row["vae_encode_frames"] == 1 and len(row["step_times"]) == 1 and row["compile"] == "none"
+    assert "profile_syncs" not in row
+
+
 def test_train_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "row.json"
     cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--size", "tiny", "--resolution", "480", "--steps", "1",
@@ -83,3 +120,18 @@ def test_memory_plan_against_every_measured_row():
         compile_mode, estimate, peak, error = (cell.strip() for cell in line.split("|")[3:7])
         assert compile_mode in ("none", "elementwise") and float(estimate) > 0 and float(peak) > 0
         assert error[0] in "+-" and error.endswith("%")
+
+
+def test_attention_kernel_benchmark_runs_on_cpu_and_renders(tmp_path):
+    from benchmarks import attention_kernels
+    from benchmarks.report import attention_table
+
+    out = tmp_path / "kernels.json"
+    assert attention_kernels.main(["--shapes", "tiny", "--repeats", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [(r["shape"], r["kernel"]) for r in data["rows"]] == [("tiny", "math"), ("tiny cross", "math")]
+    cross = data["rows"][1]
+    assert cross["key_tokens"] == 32 and cross["forward_s"] > 0 and cross["forward_backward_s"] > 0
+    assert cross["forward_tflops"] == pytest.approx(4 * 256 * 32 * 2 * 128 / cross["forward_s"] / 1e12)
+    header, separator, *lines = attention_table([data])
+    assert header.count("|") == separator.count("|") == lines[1].count("|") and "| 256 x 32 | 2 | math |" in lines[1]

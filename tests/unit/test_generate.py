@@ -279,3 +279,10 @@ def test_help_gives_the_commands(capsys):
     text = capsys.readouterr().out
     assert "torchrun --nproc_per_node=8 -m toolkit.generate" in text and "--model_size tiny --dit_path random" in text
     assert "--use_lora" in text and "--lora PATH[:WEIGHT]" in text and "--disable_guardrail" in text
+
+
+def test_fa4_without_flash_attention_4_is_refused_before_any_model_loads(monkeypatch):
+    monkeypatch.setattr(generate, "fa4_installed", lambda: False)
+    args = generate.build_parser().parse_args([*TINY, "--input_path", "in.png", "--prompt", "p", "--attention_backend", "fa4"])
+    with pytest.raises(generate.GenerateError, match=r"--attention_backend fa4: FlashAttention-4 is not installed \(pip install"):
+        generate.resolve_settings(args)

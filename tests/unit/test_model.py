@@ -1,6 +1,7 @@
 """The DiT's own behaviour: shapes, input checks, the attention hook, activation checkpointing, layering."""
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from toolkit.model import build_dit
-from toolkit.model.attention import SDPAttention
+from toolkit.model.attention import SDPAttention, auto_prefers_fa4, fa4_attention
 from toolkit.parallel.checkpointing import apply_activation_checkpointing
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,6 +107,40 @@ def test_math_backend_equals_default():
     assert model.attention.backend_used == "math"
     with pytest.raises(ValueError, match="choose one of"):
         SDPAttention("fast")
+
+
+def test_fa4_is_chosen_only_for_hopper_inference_when_installed():
+    assert auto_prefers_fa4(9, needs_grad=False, installed=True)
+    assert not auto_prefers_fa4(9, needs_grad=True, installed=True)  # training keeps SDPA (selective checkpointing)
+    assert not auto_prefers_fa4(9, needs_grad=False, installed=False)
+    assert not auto_prefers_fa4(8, needs_grad=False, installed=True) and not auto_prefers_fa4(10, False, True)
+
+
+def test_fa4_errors_name_the_fix(monkeypatch):
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(RuntimeError, match="needs a Hopper or Blackwell GPU"):
+        SDPAttention("fa4")(q, q, q)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # an import of it fails
+    with pytest.raises(RuntimeError, match=r"pip install flash-attn-4 'nvidia-cutlass-dsl\[cu13\]'"):
+        fa4_attention()
+
+
+def test_auto_falls_back_to_sdpa_once_when_fa4_fails(monkeypatch):
+    attention = SDPAttention("auto")
+    tries = []
+
+    def broken(*args):
+        tries.append(1)
+        raise RuntimeError("no kernel for this GPU\ndetails")
+
+    monkeypatch.setattr(attention, "_auto_picks_fa4", lambda *args: True)
+    monkeypatch.setattr(attention, "_fa4", broken)
+    q, k, v = torch.randn(3, 1, 8, 2, 16).unbind(0)
+    with pytest.warns(UserWarning, match=r"FlashAttention-4 failed \(RuntimeError: no kernel for this GPU\); using"):
+        out = attention(q, k, v)
+    torch.testing.assert_close(out, SDPAttention("math")(q, k, v))
+    attention(q, k, v)
+    assert len(tries) == 1 and attention.backend_used == "cpu-default"
 
 
 class _CountAttention(TorchDispatchMode):

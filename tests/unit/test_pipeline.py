@@ -23,6 +23,7 @@ from toolkit.pipeline import (
     encode_condition,
     inspect_input,
     resize_cover_crop,
+    sample_latent,
     video_size_for,
     video_to_frames,
 )
@@ -147,6 +148,45 @@ def test_condition_mask_covers_the_conditioning_latent_frames(vae):
         encode_condition(vae, video_1_3_T_H_W[:, :, :5], 5)
 
 
+def test_encoding_only_the_conditioning_frames_gives_the_whole_clips_conditioning_latents(vae):
+    # the Wan VAE is causal in time: latent frame i depends on pixel frames <= 4i only
+    video_1_3_T_H_W = torch.rand(1, 3, 13, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    whole = vae.encode(video_1_3_T_H_W)
+    for num_conditional_frames, num_latent in ((1, 1), (5, 2), (9, 3)):
+        latent_B_C_T_H_W, mask_B_1_T_H_W = encode_condition(vae, video_1_3_T_H_W, num_conditional_frames)
+        assert latent_B_C_T_H_W.shape == whole.shape
+        torch.testing.assert_close(latent_B_C_T_H_W[:, :, :num_latent], whole[:, :, :num_latent], rtol=0, atol=0)
+        assert not latent_B_C_T_H_W[:, :, num_latent:].any()
+        # given only the conditioning frames and the clip length: the same
+        prefix = encode_condition(vae, video_1_3_T_H_W[:, :, :num_conditional_frames], num_conditional_frames, 13)
+        torch.testing.assert_close(prefix[0], latent_B_C_T_H_W, rtol=0, atol=0)
+        assert torch.equal(prefix[1], mask_B_1_T_H_W)
+    # a later frame changes only later latent frames (the premise, checked on the VAE itself)
+    changed = video_1_3_T_H_W.clone()
+    changed[:, :, 5:] = -changed[:, :, 5:]
+    other = vae.encode(changed)
+    torch.testing.assert_close(other[:, :, :2], whole[:, :, :2], rtol=0, atol=0)
+    assert (other[:, :, 2:] - whole[:, :, 2:]).abs().mean() > 1e-3
+    with pytest.raises(ValueError, match="at least the 5 conditioning frames"):
+        encode_condition(vae, video_1_3_T_H_W[:, :, :1], 5, 13)
+
+
+def test_latent_frames_outside_the_mask_do_not_reach_the_sample(vae):
+    torch.manual_seed(0)
+    net = build_dit("tiny").eval()
+    clean_1_C_T_H_W = torch.randn(1, 16, 3, HEIGHT // 8, WIDTH // 8)
+    mask_1_1_T_H_W = torch.zeros(1, 1, 3, HEIGHT // 8, WIDTH // 8)
+    mask_1_1_T_H_W[:, :, :1] = 1.0
+    garbage = clean_1_C_T_H_W.clone()
+    garbage[:, :, 1:] = 1e3 * torch.randn_like(garbage[:, :, 1:])
+    text_B_L_E, negative_B_L_E = torch.randn(2, 1, 512, 1024).unbind(0)
+    samples = [
+        sample_latent(net, clean, mask_1_1_T_H_W, text_B_L_E, negative_B_L_E, SamplerConfig(num_steps=2), seed=0)
+        for clean in (clean_1_C_T_H_W, garbage)
+    ]
+    torch.testing.assert_close(samples[0], samples[1], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("num_conditional_frames", [1, 5])
 def test_conditioning_latent_frames_stay_fixed_through_sampling(tmp_path, vae, num_conditional_frames):
     path = tmp_path / "clip.mp4"
@@ -158,8 +198,11 @@ def test_conditioning_latent_frames_stay_fixed_through_sampling(tmp_path, vae, n
     text_B_L_E, negative_B_L_E = torch.randn(2, 1, 512, 1024).unbind(0)
     result = pipeline.generate(clip_T_H_W_3, text_B_L_E, negative_B_L_E, num_conditional_frames, seed=0)
     num_latent = 1 + (num_conditional_frames - 1) // 4
-    # the condition is the VAE encoding of the whole clip, and the sampled latent keeps its first frames exactly
-    torch.testing.assert_close(result.condition, vae.encode(clip_to_video(clip_T_H_W_3)), rtol=0, atol=0)
+    # the condition's first frames are those of the VAE encoding of the whole clip (the rest are zeros), and the
+    # sampled latent keeps them exactly
+    whole = vae.encode(clip_to_video(clip_T_H_W_3))
+    torch.testing.assert_close(result.condition[:, :, :num_latent], whole[:, :, :num_latent], rtol=0, atol=0)
+    assert not result.condition[:, :, num_latent:].any()
     torch.testing.assert_close(result.latent[:, :, :num_latent], result.condition[:, :, :num_latent], rtol=0, atol=0)
     assert (result.latent[:, :, num_latent:] - result.condition[:, :, num_latent:]).abs().mean() > 0.1
     assert result.frames.shape == (9, HEIGHT, WIDTH, 3) and result.frames.dtype == np.uint8

@@ -103,10 +103,23 @@ def test_dry_run_plan_lines_and_memory_estimate_orders():
     assert any("does NOT fit" in line for line in lines) and any("(fits" in line for line in lines)
 
 
+def test_memory_estimate_within_10_percent_of_every_measured_peak():
+    """The plan against the peak allocated memory of every measured LoRA row in benchmarks/results, over or under;
+    the rows cover both sizes, one and several GPUs and all three policies, so a term that is off shows here."""
+    from benchmarks.memory_table import estimates_against_results
+
+    rows = estimates_against_results()
+    assert {r["size"] for _, r, _, _ in rows} == {"2B", "14B"} and {r["world_size"] for _, r, _, _ in rows} >= {1, 2, 4}
+    assert {r["checkpointing"] for _, r, _, _ in rows} == {"none", "selective", "full"}
+    errors = {name: (estimate - r["peak_allocated_gib"]) / r["peak_allocated_gib"] for name, r, _, estimate in rows}
+    assert all(abs(error) <= 0.10 for error in errors.values()), {n: f"{e:+.1%}" for n, e in errors.items() if abs(e) > 0.10}
+
+
 def test_memory_estimate_tracks_compile_and_zero_init():
     """The two measured corrections: compiled elementwise maths keep fewer activations (48 vs 54 D bytes per token
-    per block without recompute), and a model built under zero.Init (14B, ZeRO-3, several ranks) 20% more."""
-    from toolkit.train.plan import ZERO_INIT_ACTIVATION_FACTOR
+    per block without recompute, next to the same backward working set), and a model built under zero.Init (14B,
+    ZeRO-3, several ranks) 20% more."""
+    from toolkit.train.plan import BACKWARD_BYTES_PER_TOKEN_PER_D, ZERO_INIT_ACTIVATION_FACTOR
 
     def activations(size, overrides, world, policy, stage):
         cfg = load_run_config(f"predict2_video2world_lora_training_{size}_custom_data", None, ["dataloader_train.batch_size=1", *overrides])
@@ -114,7 +127,7 @@ def test_memory_estimate_tracks_compile_and_zero_init():
 
     eager = activations("2b", ["model.config.compile=none"], 1, "none", 2)
     compiled = activations("2b", ["model.config.compile=elementwise"], 1, "none", 2)
-    assert compiled / eager == pytest.approx(48 / 54)
+    assert compiled / eager == pytest.approx((48 * 28 + BACKWARD_BYTES_PER_TOKEN_PER_D) / (54 * 28 + BACKWARD_BYTES_PER_TOKEN_PER_D))
     sp2 = ["model_parallel.context_parallel_size=2"]
     zero3 = activations("14b", sp2, 2, "selective", 3)
     assert zero3 / activations("14b", sp2, 2, "selective", 2) == pytest.approx(ZERO_INIT_ACTIVATION_FACTOR)

@@ -4,15 +4,26 @@ Layout contract (what sequence parallelism plugs into): `q_B_S_H_D`, `k_B_S_H_D`
 `out_B_S_H_D` out. On Hopper PyTorch does not pick the cuDNN kernel by itself although it is about 1.7x
 faster than the default flash kernel at our shapes (`reference/performance_notes.md`), so `auto` tries
 cuDNN first and falls back, and the backend that actually ran is recorded in `backend_used`.
+
+FlashAttention-4 (`flash_attn.cute`, an optional install: `pip install flash-attn-4 'nvidia-cutlass-dsl[cu13]'`)
+is faster again on an H100: forward 695 against cuDNN's 636 TFLOP/s at the 2B's 720p shape, 658 against 604 at
+the 14B's, the same machine (`benchmarks/attention_kernels.py`, docs/performance.md). For inference (no gradient
+needed) `auto` uses it on Hopper when it is installed, and falls back to cuDNN, with a warning, if it fails; `fa4`
+asks for it alone. Training keeps PyTorch's SDPA: the selective checkpointing policy saves attention outputs by
+recognising SDPA's ops, and FA4's own autograd function would be recomputed instead.
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+TRAINING_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+BACKENDS = (*TRAINING_BACKENDS, "fa4")  # fa4: inference only
 _SDP = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -32,11 +43,37 @@ class SDPAttention:
         self.backend = backend
         self.backend_used: str | None = None
         self._resolved: dict[tuple, str] = {}
+        self._fa4_failed = False
 
     def __call__(self, q_B_S_H_D: torch.Tensor, k_B_S_H_D: torch.Tensor, v_B_S_H_D: torch.Tensor) -> torch.Tensor:
+        if self.backend == "fa4":
+            return self._fa4(q_B_S_H_D, k_B_S_H_D, v_B_S_H_D)
+        if not self._fa4_failed and self._auto_picks_fa4(q_B_S_H_D, k_B_S_H_D, v_B_S_H_D):
+            try:
+                return self._fa4(q_B_S_H_D, k_B_S_H_D, v_B_S_H_D)
+            except Exception as error:  # an FA4 build that cannot compile or run here: cuDNN, said once
+                self._fa4_failed = True
+                first_line = str(error).splitlines()[0] if str(error) else ""
+                warnings.warn(f"attention auto backend: FlashAttention-4 failed ({type(error).__name__}: {first_line}); "
+                              "using PyTorch SDPA (cuDNN on Hopper)")
         q, k, v = (t.transpose(1, 2) for t in (q_B_S_H_D, k_B_S_H_D, v_B_S_H_D))
         out_B_H_S_D = self._sdpa(q, k, v)
         return out_B_H_S_D.transpose(1, 2)
+
+    def _auto_picks_fa4(self, q_B_S_H_D: torch.Tensor, k_B_S_H_D: torch.Tensor, v_B_S_H_D: torch.Tensor) -> bool:
+        if self.backend != "auto" or q_B_S_H_D.device.type != "cuda":
+            return False
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_B_S_H_D, k_B_S_H_D, v_B_S_H_D))
+        return auto_prefers_fa4(torch.cuda.get_device_capability(q_B_S_H_D.device)[0], needs_grad, fa4_installed())
+
+    def _fa4(self, q_B_S_H_D: torch.Tensor, k_B_S_H_D: torch.Tensor, v_B_S_H_D: torch.Tensor) -> torch.Tensor:
+        if q_B_S_H_D.device.type != "cuda" or torch.cuda.get_device_capability(q_B_S_H_D.device)[0] not in (9, 10):
+            raise RuntimeError("attention backend 'fa4' needs a Hopper or Blackwell GPU; use auto elsewhere")
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q_B_S_H_D, k_B_S_H_D, v_B_S_H_D)):
+            raise RuntimeError("attention backend 'fa4' is for inference; train with auto (cuDNN on Hopper)")
+        out_B_S_H_D = fa4_attention()(*(t.contiguous() for t in (q_B_S_H_D, k_B_S_H_D, v_B_S_H_D)))[0]
+        self.backend_used = "fa4"
+        return out_B_S_H_D
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.device.type != "cuda":
@@ -77,3 +114,31 @@ class SDPAttention:
             self.backend_used = name
             return out
         raise RuntimeError("no SDPA backend could run: " + "; ".join(errors))
+
+
+def fa4_attention():
+    """FlashAttention-4's `flash_attn_func` ([B, S, H, D] in and out; returns (out, lse)), or a RuntimeError that says
+    what to install."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError as error:
+        raise RuntimeError(
+            f"attention backend 'fa4' needs FlashAttention-4 ({error}): pip install flash-attn-4 "
+            "'nvidia-cutlass-dsl[cu13]' (CUDA 13 builds of torch; plain nvidia-cutlass-dsl for CUDA 12), or use auto"
+        ) from error
+    return flash_attn_func
+
+
+@functools.cache
+def fa4_installed() -> bool:
+    """Whether FlashAttention-4's CuTe interface imports (checked once per process)."""
+    try:
+        fa4_attention()
+    except RuntimeError:
+        return False
+    return True
+
+
+def auto_prefers_fa4(capability_major: int, needs_grad: bool, installed: bool) -> bool:
+    """`auto`'s choice of FA4: on Hopper (where it was measured faster than cuDNN), for inference, when installed."""
+    return capability_major == 9 and not needs_grad and installed

@@ -1,20 +1,35 @@
 """The run plan printed by `--dry-run`: parameters, tokens, layout, FLOPs and a per-GPU memory estimate.
 
-Memory model (bytes per GPU), checked against measured peaks in docs/performance.md:
-- frozen base: 2 bytes/param (bf16) divided over the ZeRO-3 group, plus the gathered working set (one block at a
-  time, prefetch included: about three blocks);
+Memory model (bytes per GPU), fitted to the measured peak allocated memory of every LoRA row in
+benchmarks/results (`python -m benchmarks.memory_table --against_results`: all 21 rows within 2.5%, three of them
+measured after the fit):
+- frozen base: 2 bytes/param (bf16) divided over the ZeRO-3 group, plus the gathered working set: at least three
+  blocks (the one in use and the prefetch), and up to stage3_max_live_parameters (1e9 in ds_configs/2b.json and
+  14b.json, DeepSpeed's default) when blocks are small: the 2B under ZeRO-3 at SP=2 and SP=4 holds 2.1-2.2 GiB
+  gathered (its peak minus its replicated-base twin's, plus the base it shards away), near 1e9 bf16 parameters
+  (1.9 GiB) and far above three 2B blocks (0.4 GiB);
+  three 14B blocks (1.2e9 parameters) exceed the budget, so the 14B keeps the three-block term;
 - LoRA: bf16 param + fp32 master + fp32 grad + two fp32 Adam moments = 18 bytes/param over the group, plus the fp32
   EMA copy (4 bytes/param, whole on every rank);
 - activations on this rank's tokens S = L / sp, per block: `none` keeps everything (about 54 D bytes per token
   with eager elementwise maths, 48 D with `model.config.compile` (fewer fp32 intermediates); measured for the 2B
   at 720p at SP=4 and SP=2), `full` keeps the block input (2 D), `selective` the input and the two attention
   outputs (6 D); recomputation needs one block's full set on top;
+- the backward working set of the block being differentiated, 13 D bytes per token under every policy: its
+  gradient buffers (the gradient of the 4 D-wide MLP hidden is 8 D in bf16, the residual-stream gradients in and
+  out 2 D each) sit next to its activations. Fitted on the one-GPU rows (no communication buffers): their peak
+  minus the terms above is 0.17 GiB + 13.0 D bytes per token (2B 480p: 0.9-1.0 GiB, 2B 720p: 2.1-2.5, 14B 480p
+  full: 2.1; residuals at most 0.21 GiB). A fixed 3 GiB in its place over-estimated the 2B at 480p by 11-12% and
+  matched 720p only because S D is 2.7 times larger there;
 - a model built under `deepspeed.zero.Init` (the 14B under ZeRO-3 on several GPUs, whose Linear layers then run
   through DeepSpeed's own autograd function) measures about 20% more activation memory (14B at 720p: 44.6 GiB
-  against 39.1 estimated without the factor at SP=4, 83.7 against 72.4 at SP=2; 480p SP=2: 42.1 against 39.4),
-  while the same 14B with a replicated base matches the model exactly; the cause is not isolated, so the factor
-  is empirical;
-- a fixed allowance for the CUDA context, allocator slack and workspace.
+  against 39.0 estimated without the factor at SP=4, 83.7 against 73.5 at SP=2; 480p SP=2: 42.1 against 38.3;
+  the rows need 1.18-1.20), while the same 14B with a replicated base matches the model without it; the cause
+  is not isolated, so the factor is empirical;
+- a fixed 0.5 GiB (workspaces, text embedding, RoPE tables, allocator rounding): the one-GPU fit gives 0.17 GiB,
+  the 2B rows on several GPUs sit 0.3-1.5 GiB above it (communication buffers; on `none` rows 1-1.5% of the kept
+  set) and the 14B rows there -0.6 to +0.5, so 0.5 keeps every row within 2.5% either side. Peak allocated
+  memory excludes the CUDA context.
 """
 
 from __future__ import annotations
@@ -28,7 +43,9 @@ from toolkit.train.metrics import num_tokens, sample_flops
 GIB = 1 << 30
 KEPT_BYTES_PER_TOKEN_PER_D = {"full": 2.0, "selective": 6.0}  # `none` keeps a block's full set (below)
 BLOCK_BYTES_PER_TOKEN_PER_D = {"none": 54.0, "elementwise": 48.0}  # one block's full set, by model.config.compile
-OVERHEAD_BYTES = 3 * GIB
+BACKWARD_BYTES_PER_TOKEN_PER_D = 13.0  # gradient buffers of the block in backward, next to its activations
+OVERHEAD_BYTES = 0.5 * GIB
+ZERO3_MAX_LIVE_PARAMETERS = 1e9  # stage3_max_live_parameters of ds_configs/2b.json and 14b.json
 ZERO_INIT_ACTIVATION_FACTOR = 1.2
 
 
@@ -63,7 +80,9 @@ def estimate_memory(cfg: RunConfig, world_size: int, policy: str, zero_stage: in
     config = resolve_dit_config(cfg.model.model_size)
     total, lora, per_block = parameter_counts(cfg)
     shard = world_size if zero_stage == 3 else 1
-    base = 2 * total / shard + (3 * 2 * per_block if shard > 1 else 0)  # + gathered blocks, prefetch included
+    # gathered base parameters: three blocks (in use + prefetch) or the live budget, whichever is more
+    gathered = min(total, max(3 * per_block, ZERO3_MAX_LIVE_PARAMETERS)) if shard > 1 else 0
+    base = 2 * (total / shard + gathered)
     lora_bytes = 18 * lora / (world_size if zero_stage >= 1 else 1) + 4 * lora
     _, t, h, w = cfg.latent_shape()
     tokens = num_tokens(config, t, h, w) * cfg.dataloader_train.batch_size / cfg.model_parallel.context_parallel_size
@@ -71,10 +90,11 @@ def estimate_memory(cfg: RunConfig, world_size: int, policy: str, zero_stage: in
     block_set = BLOCK_BYTES_PER_TOKEN_PER_D["none" if cfg.model.compile == "none" else "elementwise"]  # auto: on GPU
     kept = (block_set if policy == "none" else KEPT_BYTES_PER_TOKEN_PER_D[policy]) * d * tokens * blocks
     working = block_set * d * tokens if policy != "none" else 0.0
+    backward = BACKWARD_BYTES_PER_TOKEN_PER_D * d * tokens  # also under `none`: the last block's, at the peak
     from toolkit.train.build import builds_under_zero_init
 
     factor = ZERO_INIT_ACTIVATION_FACTOR if builds_under_zero_init(cfg.model.model_size, zero_stage, world_size) else 1.0
-    return MemoryEstimate(base, lora_bytes, factor * (kept + working), OVERHEAD_BYTES)
+    return MemoryEstimate(base, lora_bytes, factor * (kept + working + backward), OVERHEAD_BYTES)
 
 
 def configured_zero_stage(cfg: RunConfig) -> int:

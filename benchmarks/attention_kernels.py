@@ -1,0 +1,114 @@
+"""Attention kernels at the DiT's shapes: PyTorch SDPA's cuDNN and flash backends against FlashAttention-4 (when
+installed), forward and forward+backward, with each kernel's largest difference from cuDNN's output.
+
+    python -m benchmarks.attention_kernels                 # GPU; writes benchmarks/results/attention_kernels[_card].json
+    python -m benchmarks.attention_kernels --shapes tiny   # CPU smoke test (math backend only)
+
+Shapes (batch 1, head dim 128, bf16, no mask): self-attention of the 2B (16 heads) at 720p (84,480 tokens) and 480p
+(31,104) and of the 14B (40 heads) at 720p, and their cross-attention to the 512 T5 tokens at 720p. TFLOP/s counts 4 L^2 H D per forward and 2.5x that per backward, as the performance notes do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.report import card_suffix, machine_fields
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# (label, query tokens, key tokens, heads): self-attention, and cross-attention to the 512 T5 tokens
+SHAPES = {
+    "dit": [("2B 720p", 84_480, 84_480, 16), ("2B 720p cross", 84_480, 512, 16), ("2B 480p", 31_104, 31_104, 16),
+            ("14B 720p", 84_480, 84_480, 40), ("14B 720p cross", 84_480, 512, 40)],
+    "tiny": [("tiny", 256, 256, 2), ("tiny cross", 256, 32, 2)],
+}
+
+
+def _time(fn, device, repeats: int) -> float:
+    fn()  # warm-up (and FA4's one-off compilation)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _kernels(device) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(backend):
+        def run(q, k, v):  # [B, S, H, D] in and out, like toolkit.model.attention
+            with sdpa_kernel(backend):
+                out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+            return out.transpose(1, 2)
+        return run
+
+    if device.type != "cuda":
+        return {"math": sdpa(SDPBackend.MATH)}
+    kernels = {"cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "flash": sdpa(SDPBackend.FLASH_ATTENTION),
+               "efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION)}
+    try:
+        from flash_attn.cute import flash_attn_func
+
+        kernels["fa4"] = lambda q, k, v: flash_attn_func(q, k, v)[0]
+    except ImportError as error:
+        print(f"fa4: not installed ({error})")
+    return kernels
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", choices=sorted(SHAPES), default="dit")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="", help="write the rows here instead of benchmarks/results/")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    kernels = _kernels(device)
+    rows = []
+    for label, length, key_length, heads in SHAPES[args.shapes]:
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(1, length, heads, 128, generator=g, device=device, dtype=dtype)
+        k, v = (torch.randn(1, key_length, heads, 128, generator=g, device=device, dtype=dtype) for _ in range(2))
+        grad = torch.randn_like(q)
+        flops = 4 * length * key_length * heads * 128
+        reference = None
+        for name, kernel in kernels.items():
+            row = {"shape": label, "tokens": length, "key_tokens": key_length, "heads": heads, "kernel": name}
+            try:
+                with torch.no_grad():
+                    out = kernel(q, k, v)
+                    reference = out if reference is None else reference
+                    row["max_abs_diff_vs_first"] = (out.float() - reference.float()).abs().max().item()
+                    row["forward_s"] = _time(lambda: kernel(q, k, v), device, args.repeats)
+                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                row["forward_backward_s"] = _time(lambda: kernel(*leaves).backward(grad), device, args.repeats)
+            except Exception as error:  # a kernel that cannot run this shape: recorded, the others still run
+                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+            if "forward_s" in row:
+                row["forward_tflops"] = flops / row["forward_s"] / 1e12
+            if "forward_backward_s" in row:
+                row["forward_backward_tflops"] = 3.5 * flops / row["forward_backward_s"] / 1e12
+            rows.append(row)
+            print(f"RESULT {label} {name}: " + ", ".join(
+                f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}" for key, value in row.items()
+                if key not in ("shape", "kernel", "tokens", "key_tokens", "heads")), flush=True)
+    machine = machine_fields(device)
+    path = Path(args.out) if args.out else RESULTS / f"attention_kernels{card_suffix(machine.get('gpu'))}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"rows": rows, **machine}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
