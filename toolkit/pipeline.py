@@ -212,9 +212,10 @@ def encode_condition(
 
     Only the first n = `num_conditional_frames` pixel frames are encoded (the video may hold just those): the Wan
     VAE is causal in time (latent frame i depends on pixel frames <= 4i, encoded chunk by chunk with a cache), so
-    they give exactly the k conditioning latents that encoding the whole padded clip gives, as upstream does, at a
-    fraction of the cost (2B 720p: docs/performance.md). The other latent frames are zeros: the mask never lets
-    them reach the network or the output.
+    they give the k conditioning latents that encoding the whole padded clip gives, as upstream does (bit-identical
+    on CPU; on a GPU the final 1x1x1 convolution may round differently for a shorter clip), at a fraction of the
+    cost (2B 720p: docs/performance.md). The other latent frames are zeros: the mask never lets them reach the
+    network or the output.
     """
     num_frames = video_B_3_T_H_W.shape[2] if num_frames is None else num_frames
     num_conditional_latent = num_latent_frames(num_conditional_frames)
