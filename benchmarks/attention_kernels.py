@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.profiling import timed
 from benchmarks.report import card_suffix, machine_fields
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -31,16 +31,7 @@ SHAPES = {
 
 def _time(fn, device, repeats: int) -> float:
     fn()  # warm-up (and FA4's one-off compilation)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device)[1] for _ in range(repeats))
 
 
 def _kernels(device) -> dict:

@@ -19,30 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.profiling import describe_profile, profile_call
+from benchmarks.profiling import describe_profile, profile_call, timed
 from benchmarks.report import card_suffix, machine_fields
+from toolkit.experiments import VIDEO_SIZES
 from toolkit.model.fused import COMPILE_MODES
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VIDEO_SIZES = {"720": (704, 1280), "480": (432, 768)}
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device):
-    _sync(device)
-    start = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return out, time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         vae, (height, width), frames = WanVAE.load("tiny", device=device), (64, 96), 9
     else:
         vae = WanVAE(AutoencoderKLWan().to(device=device, dtype=dtype).eval(), {"path": "random"})
-        (height, width), frames = VIDEO_SIZES[args.resolution], 93
+        (height, width), frames = VIDEO_SIZES[args.resolution][0], 93
     # an image input: frame 0, then black (what build_condition_clip makes of a picture)
     clip_T_H_W_3 = np.zeros((frames, height, width, 3), dtype=np.uint8)
     clip_T_H_W_3[0] = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
@@ -99,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         # 1. VAE: the toolkit's path (the conditioning frames only) against the whole clip, as before
         condition = lambda: encode_condition(vae, clip_to_video(clip_T_H_W_3[:1]).to(device), 1, frames)  # noqa: E731
-        (latent, mask), vae_row["vae_encode_first_s"] = _timed(condition, device)
-        _, vae_row["vae_encode_s"] = _timed(condition, device)
-        _, vae_row["vae_encode_whole_clip_s"] = _timed(lambda: vae.encode(clip_to_video(clip_T_H_W_3).to(device)), device)
-        _, vae_row["vae_decode_s"] = _timed(lambda: vae.decode(latent), device)
+        (latent, mask), vae_row["vae_encode_first_s"] = timed(condition, device)
+        _, vae_row["vae_encode_s"] = timed(condition, device)
+        _, vae_row["vae_encode_whole_clip_s"] = timed(lambda: vae.encode(clip_to_video(clip_T_H_W_3).to(device)), device)
+        _, vae_row["vae_decode_s"] = timed(lambda: vae.decode(latent), device)
     B, C, T, H, W = latent.shape
     g = torch.Generator().manual_seed(1)
     text, negative = (torch.randn(1, 512, 1024, generator=g).to(device) for _ in range(2))
@@ -111,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(latent.shape, generator=g).to(device) * 80.0
     step_times = []
     for i in range(args.measured_steps + 1):
-        _, seconds = _timed(lambda: denoise(x, 80.0 / (i + 1)), device)
+        _, seconds = timed(lambda: denoise(x, 80.0 / (i + 1)), device)
         if i:
             step_times.append(seconds)
         else:

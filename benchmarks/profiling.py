@@ -1,10 +1,10 @@
-"""One profiled call (torch.profiler): host syncs, GPU idle time, and GPU time by kernel kind.
-
-Used by `train_throughput --profile` and `generate_throughput --profile`. CUDA only: on CPU it returns `{}`.
+"""Timing and profiling for the benchmarks: one CUDA-synchronised timed call, and one profiled call
+(torch.profiler: host syncs, GPU idle time, GPU time by kernel kind; `--profile`, CUDA only, `{}` on CPU).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -18,6 +18,17 @@ KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas")),
     ("triton", ("triton",)),
 )
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
+    """(fn(), seconds), with the GPU synchronised before and after so the time covers the work queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
 
 
 def kernel_kind(name: str) -> str:

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.profiling import describe_profile, profile_call
+from benchmarks.profiling import describe_profile, profile_call, timed
 from benchmarks.report import card_suffix, machine_fields
+from toolkit.experiments import VIDEO_SIZES
 from toolkit.model.fused import COMPILE_MODES
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VIDEO_SIZES = {"720": (704, 1280), "480": (432, 768)}
 RANK = {"2B": 16, "14B": 32, "tiny": 8}
 EXPERIMENT = {"2B": "predict2_video2world_lora_training_2b_custom_data", "14B": "predict2_video2world_lora_training_14b_custom_data", "tiny": "tiny_demo"}
 
@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _latent_shape(args) -> tuple[int, int, int, int]:
-    h, w = (64, 96) if args.size == "tiny" else VIDEO_SIZES[args.resolution]
+    h, w = (64, 96) if args.size == "tiny" else VIDEO_SIZES[args.resolution][0]
     frames = 9 if args.size == "tiny" else args.num_frames
     return 16, 1 + (frames - 1) // 4, h // 8, w // 8
 
@@ -77,15 +77,10 @@ def _time_steps(step_fn, warmup: int, steps: int, device) -> tuple[list[float], 
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = step_fn(i)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        loss, seconds = timed(lambda: step_fn(i), device)
         losses.append(float(loss))
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
     return times, losses
 
 
@@ -117,7 +112,7 @@ def run_lora(args) -> dict:
         f"model.config.lora_alpha={RANK[args.size]}",
     ]
     if args.size != "tiny":
-        height, width = VIDEO_SIZES[args.resolution]
+        height, width = VIDEO_SIZES[args.resolution][0]
         overrides += [f"model.config.resolution={args.resolution}", f"model.config.num_frames={args.num_frames}",
                       f"dataloader_train.dataset.video_size=[{height},{width}]"]
     if args.ds_config:

@@ -45,7 +45,7 @@ from toolkit.generate_models import (
     model_dir,
     start_distributed,
 )
-from toolkit.model.attention import fa4_installed
+from toolkit.model.attention import BACKENDS, fa4_installed
 from toolkit.model.fused import COMPILE_MODES, apply_compile, elementwise_of
 from toolkit.pipeline import (
     ASPECT_RATIOS,
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--t5", default=None, help="T5 folder or `tiny`; default checkpoints/google-t5/t5-11b (tiny for --model_size tiny)")
     add("--device", default=None, help="cuda or cpu (default: cuda when available)")
     add("--dtype", default=None, choices=("bf16", "fp32"), help="DiT and VAE dtype (default bf16 on cuda, fp32 on cpu)")
-    add("--attention_backend", default="auto", choices=("auto", "cudnn", "flash", "efficient", "math", "fa4"),
+    add("--attention_backend", default="auto", choices=BACKENDS,
         help="attention kernel; auto = FlashAttention-4 on Hopper when installed (pip install flash-attn-4 "
              "'nvidia-cutlass-dsl[cu13]'), else PyTorch SDPA with cuDNN first; the one that ran goes into the sidecar")
     add("--rope_bf16", action="store_true", help="bf16 RoPE angle table, as the official pipeline (bit-exact)")

@@ -63,13 +63,13 @@ class SDPAttention:
     def _auto_picks_fa4(self, q_B_S_H_D: torch.Tensor, k_B_S_H_D: torch.Tensor, v_B_S_H_D: torch.Tensor) -> bool:
         if self.backend != "auto" or q_B_S_H_D.device.type != "cuda":
             return False
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_B_S_H_D, k_B_S_H_D, v_B_S_H_D))
+        needs_grad = _needs_grad(q_B_S_H_D, k_B_S_H_D, v_B_S_H_D)
         return auto_prefers_fa4(torch.cuda.get_device_capability(q_B_S_H_D.device)[0], needs_grad, fa4_installed())
 
     def _fa4(self, q_B_S_H_D: torch.Tensor, k_B_S_H_D: torch.Tensor, v_B_S_H_D: torch.Tensor) -> torch.Tensor:
         if q_B_S_H_D.device.type != "cuda" or torch.cuda.get_device_capability(q_B_S_H_D.device)[0] not in (9, 10):
             raise RuntimeError("attention backend 'fa4' needs a Hopper or Blackwell GPU; use auto elsewhere")
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q_B_S_H_D, k_B_S_H_D, v_B_S_H_D)):
+        if _needs_grad(q_B_S_H_D, k_B_S_H_D, v_B_S_H_D):
             raise RuntimeError("attention backend 'fa4' is for inference; train with auto (cuDNN on Hopper)")
         out_B_S_H_D = fa4_attention()(*(t.contiguous() for t in (q_B_S_H_D, k_B_S_H_D, v_B_S_H_D)))[0]
         self.backend_used = "fa4"
@@ -114,6 +114,10 @@ class SDPAttention:
             self.backend_used = name
             return out
         raise RuntimeError("no SDPA backend could run: " + "; ".join(errors))
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def fa4_attention():
