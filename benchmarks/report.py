@@ -74,11 +74,12 @@ def _rows(prefix: str) -> list[dict]:
 
 
 def _reference_times(rows: list[dict]) -> dict[tuple, float]:
-    """Fastest single-GPU LoRA step per (card, size, resolution, compile): the base of the scaling efficiency."""
+    """Fastest single-GPU LoRA step per (card, size, resolution, compile, attention kernel): the base of the scaling
+    efficiency, so each multi-GPU row is compared with one GPU running the same kernels."""
     best: dict[tuple, float] = {}
     for r in rows:
         if r["mode"] == "lora" and r["world_size"] == 1:
-            key = (card(r.get("gpu")), r["size"], r["resolution"], r.get("compile", "none"))
+            key = (card(r.get("gpu")), r["size"], r["resolution"], r.get("compile", "none"), r["attention_backend"])
             best[key] = min(best.get(key, float("inf")), r["median_s_per_iter"])
     return best
 
@@ -89,8 +90,9 @@ def train_table(rows: list[dict]) -> list[str]:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     single = _reference_times(rows)
     for r in sorted(rows, key=lambda r: (card(r.get("gpu")), r["size"], r["resolution"], r["mode"], r["world_size"], r["median_s_per_iter"])):
-        base = single.get((card(r.get("gpu")), r["size"], r["resolution"], r.get("compile", "none")))
-        scaling = f"{base / (r['world_size'] * r['median_s_per_iter']):.0%}" if base and r["world_size"] > 1 and r["mode"] == "lora" else "-"
+        base = single.get((card(r.get("gpu")), r["size"], r["resolution"], r.get("compile", "none"), r["attention_backend"]))
+        # per sample: a data-parallel row (SP < GPUs) processes several samples per iteration
+        scaling = f"{base * r['samples_per_s'] / r['world_size']:.0%}" if base and r["world_size"] > 1 and r["mode"] == "lora" else "-"
         lines.append(
             f"| {card(r.get('gpu'))} | {r['mode']} | {r['size']} | {r['resolution']}p | {r['world_size']} | {r['sp']} | {r['zero_stage']} | {r['checkpointing']} "
             f"| {r['attention_backend']} | {r.get('compile', 'none')} | {r['median_s_per_iter']:.2f} | {r['samples_per_s']:.3f} "
@@ -125,7 +127,8 @@ def generate_table(rows: list[dict]) -> list[str]:
 
 def attention_table(files: list[dict]) -> list[str]:
     """One line per (card, shape, kernel) of benchmarks/attention_kernels.py's files."""
-    header = "| card | shape | query x key tokens | heads | kernel | forward ms | forward TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | max abs diff vs cuDNN |"
+    header = ("| card | run | shape | query x key tokens | heads | kernel | forward ms | forward TFLOP/s | fwd+bwd ms "
+              "| fwd+bwd TFLOP/s | max abs diff vs cuDNN: out / grads | max abs error vs float32: out / grads |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for f in files:
         for r in f["rows"]:
@@ -133,8 +136,10 @@ def attention_table(files: list[dict]) -> list[str]:
             cells += [f"{r['forward_tflops']:.0f}" if "forward_tflops" in r else r.get("error", "-")[:60]]
             cells += [f"{r['forward_backward_s'] * 1e3:.2f}" if "forward_backward_s" in r else "-"]
             cells += [f"{r['forward_backward_tflops']:.0f}" if "forward_backward_tflops" in r else "-"]
-            cells += [f"{r['max_abs_diff_vs_first']:.1e}" if "max_abs_diff_vs_first" in r else "-"]
-            lines.append(f"| {card(f.get('gpu'))} | {r['shape']} | {r['tokens']:,} x {r.get('key_tokens', r['tokens']):,} | {r['heads']} "
+            cells += [" / ".join(f"{r[key]:.1e}" for key in pair if key in r) or "-" for pair in (
+                ("max_abs_diff_vs_first", "max_abs_grad_diff_vs_first"), ("max_abs_err_vs_fp32", "max_abs_grad_err_vs_fp32"))]
+            run = f.get("file", "").removeprefix("attention_kernels").removesuffix(".json").strip("_") or "all kernels"
+            lines.append(f"| {card(f.get('gpu'))} | {run} | {r['shape']} | {r['tokens']:,} x {r.get('key_tokens', r['tokens']):,} | {r['heads']} "
                          f"| {r['kernel']} | " + " | ".join(cells) + " |")
     return lines
 
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         for gpu, r in sorted(machines.items())) + ". The targets are stated for H100; other cards' rows compare only with "
         "rows of the same card.", ""]
     body = header + ["### Training (LoRA step)", ""] + train_table(train) + ["", "### Generation", ""] + generate_table(generate)
-    kernels = _rows("attention_kernels") + [json.loads(p.read_text()) for p in sorted(RESULTS.glob("attention_kernels.json"))]
+    kernels = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("attention_kernels.json"))] + _rows("attention_kernels")
     if kernels:
         body += ["", "### Attention kernels (`python -m benchmarks.attention_kernels`, bf16, batch 1, head dim 128)", ""]
         body += attention_table(kernels)

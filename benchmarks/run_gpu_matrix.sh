@@ -5,7 +5,8 @@
 #   bash benchmarks/run_gpu_matrix.sh [OUTDIR=/tmp/gpu_out]
 #   WHEELHOUSE=.whl bash benchmarks/run_gpu_matrix.sh      # air-gapped node: install the wheels first
 #   SETS="compile rows2b" bash benchmarks/run_gpu_matrix.sh # only some sets: compile attention generate generate14b rows2b
-#                                                           # gen14b rows14b more14b zero3 lora_generate;
+#                                                           # gen14b rows14b more14b zero3 lora_generate, and with
+#                                                           # FlashAttention-4 installed fa4train fa4train14b;
 #                                                           # MIN_GPUS=2 skips 1-GPU rows
 #
 # Checks inside: SP=2/4 first-step loss equals SP=1 (the `first loss` column), LoRA generation on 1 and 2 GPUs gives
@@ -27,6 +28,22 @@ run() {  # run SET NEEDED_GPUS TIMEOUT command...
   grep -E "RESULT|wrote|timings" "$OUT/last.log" | tail -4
   [ $status -eq 0 ] || { echo "FAILED ($status): $*"; grep -vE "Warning|return func|^\s*$" "$OUT/last.log" | tail -8; }
   cat "$OUT/last.log" >> "$OUT/all.log"
+}
+runbg() {  # runbg SET NEEDED_GPUS TIMEOUT NAME command...: like run, in the background with its own log; then `finish`
+  local set=$1 need=$2 limit=$3 name=$4; shift 4
+  if [ "$SETS" != all ] && [[ " $SETS " != *" $set "* ]]; then return; fi
+  if [ "$GPUS" -lt "$need" ] || [ "$need" -lt "${MIN_GPUS:-1}" ]; then echo "=== skipped: $*"; return; fi
+  echo "=== [$set, in the background: $name] $*"
+  ( timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; status=$?
+    { grep -E "RESULT|wrote|timings" "$OUT/$name.log" | tail -4
+      [ $status -eq 0 ] || { echo "FAILED ($status): $*"; grep -vE "Warning|return func|^\s*$" "$OUT/$name.log" | tail -8; }
+    } > "$OUT/$name.summary" ) &
+  BACKGROUND="${BACKGROUND:-} $name"
+}
+finish() {  # wait for the background rows and print their summaries
+  wait
+  for name in ${BACKGROUND:-}; do echo "--- $name"; cat "$OUT/$name.summary"; cat "$OUT/$name.log" >> "$OUT/all.log"; done
+  BACKGROUND=""
 }
 TR="python3 -m torch.distributed.run --standalone"
 TT="-m benchmarks.train_throughput --warmup 1"
@@ -54,6 +71,26 @@ run generate 1 150 $ONE python3 $GT --size 2B --resolution 480 --measured_steps 
 run generate14b 1 150 $ONE python3 $GT --size 14B --resolution 480 --measured_steps 1 $CU
 run generate14b 1 200 $ONE python3 $GT --size 14B --resolution 720 --measured_steps 1 $CU
 if [ "$FA4" = 1 ]; then
+  # fa4train: training through FA4's custom ops against cuDNN on the same machine (losses, speed, memory), and what
+  # `auto` picks. With 4 GPUs the kernel check and the three 1-GPU rows run side by side, one GPU each; then the
+  # SP=4 rows in turn, the 2B 480p one profiled (its scaling is the lowest).
+  KC="-m benchmarks.attention_kernels --only 2B_720p,2B_720p_cross,14B_720p,check,check_cross --kernels cudnn,fa4,fa4_op --tag fa4op"
+  F4="--attention_backend fa4"; A4="--attention_backend cudnn"
+  if [ "$GPUS" -ge 4 ]; then
+    runbg fa4train 4 300 kernels env CUDA_VISIBLE_DEVICES=2 python3 $KC
+    runbg fa4train 4 300 one_auto env CUDA_VISIBLE_DEVICES=3 python3 $TT --size 2B --resolution 720 --checkpointing selective --steps 3 $R2B --attention_backend auto --tag replicated_base_auto
+    runbg fa4train 4 300 one_fa4 env CUDA_VISIBLE_DEVICES=0 python3 $TT --size 2B --resolution 720 --checkpointing selective --steps 3 $R2B $F4 --tag replicated_base_fa4
+    runbg fa4train 4 300 one_cudnn env CUDA_VISIBLE_DEVICES=1 python3 $TT --size 2B --resolution 720 --checkpointing selective --steps 3 $R2B $A4 --tag replicated_base_ab_cudnn
+    finish
+  else
+    run fa4train 1 300 $ONE python3 $KC
+    run fa4train 1 300 $ONE python3 $TT --size 2B --resolution 720 --checkpointing selective --steps 3 $R2B $F4 --tag replicated_base_fa4
+    run fa4train 1 300 $ONE python3 $TT --size 2B --resolution 720 --checkpointing selective --steps 3 $R2B $A4 --tag replicated_base_ab_cudnn
+  fi
+  run fa4train 4 200 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing auto --steps 3 $R2B $F4 --tag replicated_base_fa4
+  run fa4train 4 200 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing auto --steps 3 $R2B $A4 --tag replicated_base_ab_cudnn
+  run fa4train 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 480 --sp 4 --checkpointing auto --steps 3 $R2B $F4 --tag replicated_base_fa4 --profile
+  run fa4train14b 4 240 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2 --ds_config ds_configs/14b_replicated_base.json $F4 --tag replicated_base_fa4
   run generate 1 400 $ONE python3 $GT --size 2B --resolution 720 --measured_steps 1 --full_video --attention_backend fa4 --tag fa4
   run generate 1 100 $ONE python3 $GT --size 2B --resolution 480 --measured_steps 2 --full_video --attention_backend fa4 --tag fa4
   run generate14b 1 200 $ONE python3 $GT --size 14B --resolution 720 --measured_steps 1 --attention_backend fa4 --tag fa4
@@ -65,6 +102,7 @@ run compile 1 150 $ONE python3 $TT --mode diffusers --size 2B --resolution 720 -
 run rows2b 1 120 $ONE python3 $TT --size 2B --resolution 480 --checkpointing auto --steps 3 $R2B
 run rows2b 2 120 $TR --nproc_per_node=2 $TT --size 2B --resolution 480 --sp 2 --checkpointing auto --steps 3 $R2B
 run rows2b 4 120 $TR --nproc_per_node=4 $TT --size 2B --resolution 480 --sp 4 --checkpointing auto --steps 3 $R2B
+run rows2b 4 120 $TR --nproc_per_node=4 $TT --size 2B --resolution 480 --sp 1 --checkpointing auto --steps 3 $R2B --tag replicated_base_dp
 run rows2b 2 240 $TR --nproc_per_node=2 $GT --size 2B --resolution 720 --sp 2 --measured_steps 2 --full_video --attention_backend cudnn
 # zero3: the 2B under ZeRO-3 (ds_configs/2b.json) for comparison, and the issue-2 forward+backward
 run zero3 1 150 $ONE python3 $TT --mode fwdbwd --size 2B --resolution 720 --checkpointing selective --steps 1

@@ -142,8 +142,9 @@ class ModelConfig:
     """Checkpoint variant (10 or 16 for 2B/14B); the network itself ignores fps."""
     rope_bf16: bool = False
     """Build the RoPE angle table in bf16 like the official pipeline (bit-exact); fp32 otherwise."""
-    attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
-    """PyTorch SDPA backend; `auto` tries cuDNN first on Hopper."""
+    attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math", "fa4"] = "auto"
+    """Attention kernel: a PyTorch SDPA backend, or `fa4` (FlashAttention-4, an optional install); `auto` uses FA4 on
+    Hopper when it is installed, else SDPA with cuDNN first on Hopper."""
     activation_checkpointing: Literal["none", "full", "selective", "auto"] = "auto"
     """Per-block recomputation; `auto` lets the trainer choose from size and memory."""
     compile: Literal["none", "elementwise", "auto"] = "auto"

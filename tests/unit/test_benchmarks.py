@@ -44,11 +44,17 @@ def test_cards_scaling_and_ceiling_fraction():
     assert card_suffix("NVIDIA H100 80GB HBM3") == "" and card_suffix("NVIDIA H200") == "_h200"
     floor = kernel_floor_seconds(sample_flops(resolve_dit_config("2B"), 84_480), "lora")
     rows = [_row("NVIDIA H100 80GB HBM3", 1, 12.0), _row("NVIDIA H100 80GB HBM3", 2, 6.25),
-            _row("NVIDIA H200", 2, 6.0, compile="elementwise")]
+            _row("NVIDIA H200", 2, 6.0, compile="elementwise"), _row("NVIDIA H100 80GB HBM3", 1, 11.0, attention_backend="fa4"),
+            _row("NVIDIA H100 80GB HBM3", 2, 5.0, attention_backend="fa4"),
+            _row("NVIDIA H100 80GB HBM3", 4, 12.5, sp=1, dp=4, samples_per_s=4 / 12.5, tag="dp")]
     assert _floor(rows[0], "train") == pytest.approx(floor / 12.0)
     lines = train_table(rows)
-    h100_sp2 = next(line for line in lines if line.startswith("| H100") and "| 2 | 2 |" in line)
+    h100_sp2 = next(line for line in lines if line.startswith("| H100") and "| 2 | 2 |" in line and "| cudnn |" in line)
     assert "| 96% |" in h100_sp2  # 12.0 / (2 x 6.25): scaling against the same card's (and compile's) 1-GPU row
+    fa4_sp2 = next(line for line in lines if line.startswith("| H100") and "| 2 | 2 |" in line and "| fa4 |" in line)
+    assert "| 110% |" in fa4_sp2  # 11.0 / (2 x 5.0): and the same attention kernel's
+    dp = next(line for line in lines if line.endswith("| dp |"))
+    assert "| 96% |" in dp  # 4 samples per 12.5 s on 4 GPUs against one per 12.0 s on one: per sample
     h200 = next(line for line in lines if line.startswith("| H200"))
     assert "| elementwise |" in h200 and h200.split("|")[16].strip() == "-"  # no H200 1-GPU row: no scaling figure
 
@@ -133,5 +139,21 @@ def test_attention_kernel_benchmark_runs_on_cpu_and_renders(tmp_path):
     cross = data["rows"][1]
     assert cross["key_tokens"] == 32 and cross["forward_s"] > 0 and cross["forward_backward_s"] > 0
     assert cross["forward_tflops"] == pytest.approx(4 * 256 * 32 * 2 * 128 / cross["forward_s"] / 1e12)
+    # the float32 reference is the math kernel itself here: no error; the first kernel is its own reference
+    assert cross["max_abs_err_vs_fp32"] == cross["max_abs_grad_err_vs_fp32"] == cross["max_abs_grad_diff_vs_first"] == 0
     header, separator, *lines = attention_table([data])
     assert header.count("|") == separator.count("|") == lines[1].count("|") and "| 256 x 32 | 2 | math |" in lines[1]
+    assert lines[1].endswith("| 0.0e+00 / 0.0e+00 | 0.0e+00 / 0.0e+00 |") and lines[1].startswith("| cpu | all kernels |")
+
+
+def test_attention_kernel_filters(tmp_path, capsys):
+    from benchmarks import attention_kernels
+
+    out = tmp_path / "kernels.json"
+    assert attention_kernels.main(["--shapes", "tiny", "--only", "tiny_cross", "--kernels", "math", "--repeats", "1",
+                                   "--out", str(out)]) == 0
+    assert [r["shape"] for r in json.loads(out.read_text())["rows"]] == ["tiny cross"]
+    for flag, value, message in (("--only", "huge", "no shape huge"), ("--kernels", "fa5", "fa5 not available")):
+        with pytest.raises(SystemExit):
+            attention_kernels.main(["--shapes", "tiny", flag, value, "--out", str(out)])
+        assert message in capsys.readouterr().err

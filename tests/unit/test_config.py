@@ -320,11 +320,11 @@ def test_target_names_match_the_real_network():
 
 
 def test_choices_agree_with_the_code_that_uses_them():
-    from toolkit.model.attention import TRAINING_BACKENDS
+    from toolkit.model.attention import BACKENDS
     from toolkit.parallel.checkpointing import POLICIES
 
     hints = {key: leaf.hint for key, leaf in LEAVES.items()}
-    assert set(hints["model.config.attention_backend"].__args__) == set(TRAINING_BACKENDS)
+    assert set(hints["model.config.attention_backend"].__args__) == set(BACKENDS)
     assert set(hints["model.config.activation_checkpointing"].__args__) == set(POLICIES) | {"auto"}
 
 

@@ -109,11 +109,10 @@ def test_math_backend_equals_default():
         SDPAttention("fast")
 
 
-def test_fa4_is_chosen_only_for_hopper_inference_when_installed():
-    assert auto_prefers_fa4(9, needs_grad=False, installed=True)
-    assert not auto_prefers_fa4(9, needs_grad=True, installed=True)  # training keeps SDPA (selective checkpointing)
-    assert not auto_prefers_fa4(9, needs_grad=False, installed=False)
-    assert not auto_prefers_fa4(8, needs_grad=False, installed=True) and not auto_prefers_fa4(10, False, True)
+def test_fa4_is_chosen_only_on_hopper_when_installed():
+    assert auto_prefers_fa4(9, installed=True)
+    assert not auto_prefers_fa4(9, installed=False)
+    assert not auto_prefers_fa4(8, installed=True) and not auto_prefers_fa4(10, installed=True)
 
 
 def test_fa4_errors_name_the_fix(monkeypatch):

@@ -152,3 +152,14 @@ def test_file_fingerprint_tracks_content_for_files_and_folders(tmp_path):
     before = file_fingerprint(folder)
     (folder / "config.json").write_text('{"a": 1}')
     assert file_fingerprint(folder)["sha256_head_tail"] != before["sha256_head_tail"]
+
+
+def test_training_with_fa4_fails_before_building_when_it_is_not_installed(monkeypatch):
+    import sys
+
+    from toolkit.train.build import build_base_dit
+
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # an import of it fails
+    cfg = load_run_config("tiny_demo", None, ["model.config.attention_backend=fa4"])
+    with pytest.raises(RuntimeError, match=r"needs FlashAttention-4 .*pip install flash-attn-4"):
+        build_base_dit(cfg, topology=None, ds_config={})

@@ -6,11 +6,12 @@ faster than the default flash kernel at our shapes (`reference/performance_notes
 cuDNN first and falls back, and the backend that actually ran is recorded in `backend_used`.
 
 FlashAttention-4 (`flash_attn.cute`, an optional install: `pip install flash-attn-4 'nvidia-cutlass-dsl[cu13]'`)
-is faster again on an H100: forward 695 against cuDNN's 636 TFLOP/s at the 2B's 720p shape, 658 against 604 at
-the 14B's, the same machine (`benchmarks/attention_kernels.py`, docs/performance.md). For inference (no gradient
-needed) `auto` uses it on Hopper when it is installed, and falls back to cuDNN, with a warning, if it fails; `fa4`
-asks for it alone. Training keeps PyTorch's SDPA: the selective checkpointing policy saves attention outputs by
-recognising SDPA's ops, and FA4's own autograd function would be recomputed instead.
+is faster again on an H100: forward 695 against cuDNN's 636 TFLOP/s at the 2B's 720p shape, forward+backward 642
+against 590, the same machine (`benchmarks/attention_kernels.py`, docs/performance.md). `auto` uses it on Hopper
+when it is installed, and falls back to cuDNN, with a warning, if it fails; `fa4` asks for it alone. Inference calls
+FA4's `flash_attn_func`; training calls its kernels wrapped as PyTorch custom ops (`toolkit/model/fa4_op.py`), which
+the selective checkpointing policy saves like SDPA's outputs (measured: the 2B 720p LoRA step 11.50 s against
+12.53 s with cuDNN on one H100, first loss equal to 6 digits).
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-TRAINING_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
-BACKENDS = (*TRAINING_BACKENDS, "fa4")  # fa4: inference only
+BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "fa4")
 _SDP = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -63,14 +63,18 @@ class SDPAttention:
     def _auto_picks_fa4(self, q_B_S_H_D: torch.Tensor, k_B_S_H_D: torch.Tensor, v_B_S_H_D: torch.Tensor) -> bool:
         if self.backend != "auto" or q_B_S_H_D.device.type != "cuda":
             return False
-        needs_grad = _needs_grad(q_B_S_H_D, k_B_S_H_D, v_B_S_H_D)
-        return auto_prefers_fa4(torch.cuda.get_device_capability(q_B_S_H_D.device)[0], needs_grad, fa4_installed())
+        return auto_prefers_fa4(torch.cuda.get_device_capability(q_B_S_H_D.device)[0], fa4_installed())
 
     def _fa4(self, q_B_S_H_D: torch.Tensor, k_B_S_H_D: torch.Tensor, v_B_S_H_D: torch.Tensor) -> torch.Tensor:
         if q_B_S_H_D.device.type != "cuda" or torch.cuda.get_device_capability(q_B_S_H_D.device)[0] not in (9, 10):
             raise RuntimeError("attention backend 'fa4' needs a Hopper or Blackwell GPU; use auto elsewhere")
         if _needs_grad(q_B_S_H_D, k_B_S_H_D, v_B_S_H_D):
-            raise RuntimeError("attention backend 'fa4' is for inference; train with auto (cuDNN on Hopper)")
+            from toolkit.model.fa4_op import check_interface, fa4_attention_op
+
+            check_interface()  # installed, and the private functions the training ops call are as measured
+
+            self.backend_used = "fa4"
+            return fa4_attention_op(q_B_S_H_D, k_B_S_H_D, v_B_S_H_D)
         out_B_S_H_D = fa4_attention()(*(t.contiguous() for t in (q_B_S_H_D, k_B_S_H_D, v_B_S_H_D)))[0]
         self.backend_used = "fa4"
         return out_B_S_H_D
@@ -143,6 +147,7 @@ def fa4_installed() -> bool:
     return True
 
 
-def auto_prefers_fa4(capability_major: int, needs_grad: bool, installed: bool) -> bool:
-    """`auto`'s choice of FA4: on Hopper (where it was measured faster than cuDNN), for inference, when installed."""
-    return capability_major == 9 and not needs_grad and installed
+def auto_prefers_fa4(capability_major: int, installed: bool) -> bool:
+    """`auto`'s choice of FA4: on Hopper (where it was measured faster than cuDNN, for sampling and training), when
+    installed. Blackwell is left to cuDNN until it is measured there."""
+    return capability_major == 9 and installed

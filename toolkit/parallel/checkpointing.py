@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from toolkit.model.fa4_op import LIBRARY  # importing it registers the FlashAttention-4 custom ops
+
 POLICIES = ("none", "full", "selective")
 
 _ATTENTION_OPS = tuple(
@@ -28,6 +30,7 @@ _ATTENTION_OPS = tuple(
         getattr(torch.ops.aten, "_scaled_dot_product_flash_attention", None),
         getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None),
         getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None),
+        getattr(torch.ops, LIBRARY).fa4_forward,  # FlashAttention-4 as a custom op (toolkit/model/fa4_op.py)
     )
     if op is not None
 )

@@ -47,6 +47,10 @@ def build_base_dit(cfg: RunConfig, topology: Topology, ds_config: dict) -> tuple
     config = resolve_dit_config(cfg.model.model_size).replace(rope_bf16=cfg.model.rope_bf16)
     dtype = model_dtype(ds_config)
     backend = cfg.model.attention_backend
+    if backend == "fa4":
+        from toolkit.model.attention import fa4_attention
+
+        fa4_attention()  # not installed: the error with the pip command, before any weights are read
     torch.manual_seed(cfg.job.seed)  # every rank builds the same random base (zero.Init partitions local values)
     if _use_zero_init(cfg, topology, ds_config):
         import deepspeed
