@@ -5,7 +5,8 @@
 
 Per cell: the cheapest activation-checkpointing policy that fits (none < selective < full) and its estimate in
 GiB, or `no` when even full recompute does not fit; each size with its default DeepSpeed JSON (2B: replicated base,
-ZeRO-2; 14B: ZeRO-3). `--against_results` checks the estimate against the peak allocated memory of every LoRA row
+ZeRO-2; 14B: ZeRO-3), and for a 14B cell that does not fit, the same with its base offloaded to host memory
+(ds_configs/14b_offload.json). `--against_results` checks the estimate against the peak allocated memory of every LoRA row
 in benchmarks/results/*.json (same size, resolution, SP, policy, ZeRO stage and compile setting as the row).
 """
 
@@ -41,7 +42,8 @@ def estimates_against_results() -> list[tuple[str, dict, str, float]]:
             continue
         compile_mode = "none" if r.get("compile", "none") == "none" else "elementwise"  # rows before compile: eager
         cfg = _config(r["size"], r["resolution"], r["sp"], compile_mode)
-        estimate = estimate_memory(cfg, r["world_size"], r["checkpointing"], r["zero_stage"]).total_bytes / 2**30
+        estimate = estimate_memory(cfg, r["world_size"], r["checkpointing"], r["zero_stage"],
+                                   r.get("offload_param", False)).total_bytes / 2**30
         rows.append((path.stem, r, compile_mode, estimate))
     return rows
 
@@ -59,11 +61,17 @@ def against_results() -> list[str]:
 
 
 def cell(size: str, resolution: str, gpus: int, limit: float) -> str:
+    """The cheapest policy that fits with the size's default JSON; else, for the 14B, with its base offloaded."""
     cfg = _config(size, resolution, gpus)
     for policy in ("none", "selective", "full"):
         total = estimate_memory(cfg, gpus, policy, configured_zero_stage(cfg)).total_bytes / 2**30
         if total <= 0.95 * limit:
             return f"{policy} {total:.0f}"
+    if size == "14B":  # ds_configs/14b_offload.json: the ZeRO-3 base in host memory
+        for policy in ("none", "selective", "full"):
+            offloaded = estimate_memory(cfg, gpus, policy, 3, offload_param=True).total_bytes / 2**30
+            if offloaded <= 0.95 * limit:
+                return f"no ({total:.0f}); offload: {policy} {offloaded:.0f}"
     return f"no ({total:.0f})"
 
 

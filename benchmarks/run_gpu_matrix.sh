@@ -112,7 +112,7 @@ run zero3 2 150 $TR --nproc_per_node=2 $TT --size 2B --resolution 720 --sp 2 --s
 run zero3 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing selective --steps 3 $Z2B
 run zero3 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --checkpointing auto --steps 3 $Z2B
 # rows14b: the 14B at 720p on 4 GPUs (replicated base) and 2 GPUs (ZeRO-3), at 480p on 2 and 4 GPUs;
-# more14b: 720p on 4 GPUs under ZeRO-3 and 480p on 1 GPU. ZeRO-3 rows warm up 2 steps: DeepSpeed records its
+# more14b: 720p on 4 GPUs under ZeRO-3, 480p on 1 GPU, and 720p on 1 GPU with the base offloaded. ZeRO-3 rows warm up 2 steps: DeepSpeed records its
 # parameter trace in the first steps (measured: 15.96 s then 7.28 s for the 14B 480p at SP=2).
 run rows14b 4 170 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2 --ds_config ds_configs/14b_replicated_base.json --tag replicated_base
 run rows14b 2 300 $TR --nproc_per_node=2 $TT --size 14B --resolution 720 --sp 2 --checkpointing auto --steps 1 --warmup 2
@@ -120,6 +120,8 @@ run rows14b 4 150 $TR --nproc_per_node=4 $TT --size 14B --resolution 480 --sp 4 
 run rows14b 2 150 $TR --nproc_per_node=2 $TT --size 14B --resolution 480 --sp 2 --checkpointing auto --steps 2 --warmup 2
 run more14b 4 300 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2 --warmup 2
 run more14b 1 200 $ONE python3 $TT --size 14B --resolution 480 --checkpointing full --steps 2
+# the 14B at 720p on one GPU: the base offloaded to host memory (ZeRO-3 offload_param), full recompute
+run more14b 1 400 $ONE python3 $TT --size 14B --resolution 720 --checkpointing full --steps 2 --ds_config ds_configs/14b_offload.json --tag offload
 # gen14b: 14B generation at 720p on 2 and 4 GPUs (generate14b: on 1 GPU)
 run gen14b 2 150 $TR --nproc_per_node=2 $GT --size 14B --resolution 720 --sp 2 --measured_steps 1 $CU
 run gen14b 4 150 $TR --nproc_per_node=4 $GT --size 14B --resolution 720 --sp 4 --measured_steps 2 $CU

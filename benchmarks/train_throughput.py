@@ -102,6 +102,7 @@ def run_lora(args) -> dict:
     from toolkit.train.build import assemble_model
     from toolkit.train.loop import forward_backward_step, reduce_step, step_generator
     from toolkit.train.optim import build_optimizer
+    from toolkit.train.plan import offloads_parameters
 
     topo = init_distributed(args.sp)
     overrides = [
@@ -140,6 +141,7 @@ def run_lora(args) -> dict:
     profiled = profile_call(lambda: step(args.warmup + args.steps), topo.device) if args.profile else {}
     return {**profiled, **_compile_stats(assembled.model),
         "world_size": topo.world_size, "dp": topo.dp_size, "sp": assembled.sp_size, "zero_stage": ds_config["zero_optimization"]["stage"],
+        "offload_param": offloads_parameters(ds_config),
         "checkpointing": assembled.checkpointing, "attention_backend": assembled.model.attention.backend_used,
         "times": times, "first_loss": losses[0], "losses": losses, "build_seconds": build_seconds, "memory_after_build_gib": static_gib,
         "trainable_parameters": assembled.lora.trainable_parameters, "is_main": topo.is_main, "device": topo.device,

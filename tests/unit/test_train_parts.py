@@ -103,6 +103,29 @@ def test_dry_run_plan_lines_and_memory_estimate_orders():
     assert any("does NOT fit" in line for line in lines) and any("(fits" in line for line in lines)
 
 
+def test_offloaded_base_leaves_only_the_gathered_working_set_on_the_gpu():
+    from toolkit.train.plan import ZERO3_MAX_LIVE_PARAMETERS, offloads_parameters, parameter_counts
+
+    base = ["model.config.resolution=720", "dataloader_train.dataset.video_size=[704,1280]", "dataloader_train.batch_size=1",
+            "model_parallel.context_parallel_size=1"]
+    cfg = load_run_config("predict2_video2world_lora_training_14b_custom_data", None, base)
+    total, _, per_block = parameter_counts(cfg)
+    kept, offloaded = (estimate_memory(cfg, 1, "full", 3, offload_param=flag) for flag in (False, True))
+    assert offloaded.base_bytes == 2 * max(3 * per_block, ZERO3_MAX_LIVE_PARAMETERS) and kept.base_bytes == 2 * total
+    assert offloaded.activation_bytes == kept.activation_bytes and offloaded.lora_bytes == kept.lora_bytes
+    assert offloads_parameters({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}})
+    assert not offloads_parameters({"zero_optimization": {"stage": 3, "offload_param": {"device": "none"}}})
+    assert not offloads_parameters({"zero_optimization": {"stage": 2}})
+    # the dry run of the 14B at 720p on one 80 GB GPU: no policy fits with 14b.json; full recompute does with offload
+    plain = describe_plan(cfg, 1)
+    assert not any("(fits" in line for line in plain) and "ds_configs/14b_offload.json" in plain[-1]
+    offload = describe_plan(load_run_config("predict2_video2world_lora_training_14b_custom_data", None,
+                                            [*base, "trainer.ds_config=ds_configs/14b_offload.json"]), 1)
+    assert any(line.startswith("base parameters offloaded (offload_param): 26.6 GiB of pinned host memory") for line in offload)
+    assert any("checkpointing=full" in line and "(fits" in line for line in offload)
+    assert any("checkpointing=none" in line and "does NOT fit" in line for line in offload)
+
+
 def test_memory_estimate_within_10_percent_of_every_measured_peak():
     """The plan against the peak allocated memory of every measured LoRA row in benchmarks/results, over or under;
     the rows cover both sizes, one and several GPUs and all three policies, so a term that is off shows here."""
@@ -163,3 +186,13 @@ def test_training_with_fa4_fails_before_building_when_it_is_not_installed(monkey
     cfg = load_run_config("tiny_demo", None, ["model.config.attention_backend=fa4"])
     with pytest.raises(RuntimeError, match=r"needs FlashAttention-4 .*pip install flash-attn-4"):
         build_base_dit(cfg, topology=None, ds_config={})
+
+
+def test_dry_run_refuses_a_gpu_count_the_sequence_parallel_size_does_not_divide(capsys):
+    from toolkit.train.cli import main
+
+    argv = ["--experiment", "predict2_video2world_lora_training_14b_custom_data", "--dry-run"]
+    assert main([*argv, "--num_gpus", "1"]) == 2  # the experiment's context_parallel_size is 4
+    assert "context_parallel_size=4 does not divide --num_gpus 1" in capsys.readouterr().err
+    assert main([*argv, "--num_gpus", "1", "model_parallel.context_parallel_size=1"]) == 0
+    assert "data-parallel 1 x sequence-parallel 1" in capsys.readouterr().out

@@ -60,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         from toolkit.train.plan import describe_plan
 
         world = args.num_gpus or int(os.environ.get("WORLD_SIZE", "1"))
+        sp = cfg.model_parallel.context_parallel_size
+        if world % sp:  # what init_distributed refuses for a real launch, refused here too
+            print(f"error: model_parallel.context_parallel_size={sp} does not divide --num_gpus {world}; plan for a "
+                  f"multiple of {sp} GPUs, or set model_parallel.context_parallel_size to a divisor of {world}",
+                  file=sys.stderr)
+            return 2
         for line in describe_plan(cfg, world, args.gpu_memory_gib * 2**30):
             print(line)
         return 0
