@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from toolkit.config import load_run_config
-from toolkit.train.plan import configured_zero_stage, estimate_memory
+from toolkit.train.plan import configured_zero_settings, estimate_memory
 
 EXPERIMENTS = {"2B": "predict2_video2world_lora_training_2b_custom_data", "14B": "predict2_video2world_lora_training_14b_custom_data"}
 SIZES = {"720": (704, 1280), "480": (432, 768)}
@@ -64,7 +64,7 @@ def cell(size: str, resolution: str, gpus: int, limit: float) -> str:
     """The cheapest policy that fits with the size's default JSON; else, for the 14B, with its base offloaded."""
     cfg = _config(size, resolution, gpus)
     for policy in ("none", "selective", "full"):
-        total = estimate_memory(cfg, gpus, policy, configured_zero_stage(cfg)).total_bytes / 2**30
+        total = estimate_memory(cfg, gpus, policy, **configured_zero_settings(cfg)).total_bytes / 2**30
         if total <= 0.95 * limit:
             return f"{policy} {total:.0f}"
     if size == "14B":  # ds_configs/14b_offload.json: the ZeRO-3 base in host memory

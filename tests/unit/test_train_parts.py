@@ -126,6 +126,20 @@ def test_offloaded_base_leaves_only_the_gathered_working_set_on_the_gpu():
     assert any("checkpointing=none" in line and "does NOT fit" in line for line in offload)
 
 
+def test_plan_reads_the_live_parameter_budget_from_the_deepspeed_json():
+    from toolkit.train.plan import parameter_counts, zero_settings
+
+    cfg = load_run_config("predict2_video2world_lora_training_2b_custom_data", None,
+                          ["model_parallel.context_parallel_size=2", "dataloader_train.batch_size=1"])
+    _, _, per_block = parameter_counts(cfg)
+    default, small = (zero_settings({"zero_optimization": {"stage": 3, **extra}})
+                      for extra in ({}, {"stage3_max_live_parameters": 1e8}))
+    assert default == {"zero_stage": 3, "offload_param": False, "max_live_parameters": 1e9}
+    assert zero_settings({"zero_optimization": {"stage": "auto"}}, default_stage=2)["zero_stage"] == 2
+    big, three_blocks = (estimate_memory(cfg, 2, "selective", **settings).base_bytes for settings in (default, small))
+    assert 3 * per_block > 1e8 and big - three_blocks == pytest.approx(2 * (1e9 - 3 * per_block))
+
+
 def test_memory_estimate_within_10_percent_of_every_measured_peak():
     """The plan against the peak allocated memory of every measured LoRA row in benchmarks/results, over or under;
     the rows cover both sizes, one and several GPUs and all three policies, so a term that is off shows here."""

@@ -108,12 +108,12 @@ def choose_checkpointing(cfg: RunConfig, topology: Topology, ds_config: dict) ->
         return policy
     if topology.device.type != "cuda":
         return "none"
-    from toolkit.train.plan import estimate_memory, offloads_parameters
+    from toolkit.train.plan import estimate_memory, zero_settings
 
     total = torch.cuda.get_device_properties(topology.device).total_memory
-    stage, offload = ds_config.get("zero_optimization", {}).get("stage", 3), offloads_parameters(ds_config)
+    zero = zero_settings(ds_config)
     for candidate in ("none", "selective"):
-        if estimate_memory(cfg, topology.world_size, candidate, stage, offload).total_bytes < 0.9 * total:
+        if estimate_memory(cfg, topology.world_size, candidate, **zero).total_bytes < 0.9 * total:
             return candidate
     return "full"
 

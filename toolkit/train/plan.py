@@ -47,7 +47,7 @@ KEPT_BYTES_PER_TOKEN_PER_D = {"full": 2.0, "selective": 6.0}  # `none` keeps a b
 BLOCK_BYTES_PER_TOKEN_PER_D = {"none": 54.0, "elementwise": 48.0}  # one block's full set, by model.config.compile
 BACKWARD_BYTES_PER_TOKEN_PER_D = 13.0  # gradient buffers of the block in backward, next to its activations
 OVERHEAD_BYTES = 0.5 * GIB
-ZERO3_MAX_LIVE_PARAMETERS = 1e9  # stage3_max_live_parameters of ds_configs/2b.json and 14b.json
+ZERO3_MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's default stage3_max_live_parameters (and ds_configs/2b.json's, 14b.json's)
 ZERO_INIT_ACTIVATION_FACTOR = 1.2
 
 
@@ -84,13 +84,24 @@ def offloads_parameters(ds_config: dict) -> bool:
     return zero.get("stage") == 3 and (zero.get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
 
 
-def estimate_memory(cfg: RunConfig, world_size: int, policy: str, zero_stage: int = 3,
-                    offload_param: bool = False) -> MemoryEstimate:
+def zero_settings(ds_config: dict, default_stage: int = 3) -> dict:
+    """The keyword arguments of `estimate_memory` that a DeepSpeed config decides: the ZeRO stage (`default_stage`
+    where the JSON leaves it to the run config), parameter offload, and ZeRO-3's live-parameter budget."""
+    zero = ds_config.get("zero_optimization", {})
+    stage = zero.get("stage", default_stage)
+    stage = stage if isinstance(stage, int) else default_stage
+    live = zero.get("stage3_max_live_parameters", ZERO3_MAX_LIVE_PARAMETERS)
+    return {"zero_stage": stage, "offload_param": offloads_parameters({**ds_config, "zero_optimization": {**zero, "stage": stage}}),
+            "max_live_parameters": float(live) if isinstance(live, (int, float)) else ZERO3_MAX_LIVE_PARAMETERS}
+
+
+def estimate_memory(cfg: RunConfig, world_size: int, policy: str, zero_stage: int = 3, offload_param: bool = False,
+                    max_live_parameters: float = ZERO3_MAX_LIVE_PARAMETERS) -> MemoryEstimate:
     config = resolve_dit_config(cfg.model.model_size)
     total, lora, per_block = parameter_counts(cfg)
     shard = world_size if zero_stage == 3 else 1
     # gathered base parameters: three blocks (in use + prefetch) or the live budget, whichever is more
-    gathered = min(total, max(3 * per_block, ZERO3_MAX_LIVE_PARAMETERS))
+    gathered = min(total, max(3 * per_block, max_live_parameters))
     if offload_param:  # the base lives in host memory; only the gathered working set is on the GPU
         base = 2 * gathered
     else:
@@ -109,27 +120,18 @@ def estimate_memory(cfg: RunConfig, world_size: int, policy: str, zero_stage: in
     return MemoryEstimate(base, lora_bytes, factor * (kept + working + backward), OVERHEAD_BYTES)
 
 
-def configured_zero_stage(cfg: RunConfig) -> int:
-    """The ZeRO stage of the run's DeepSpeed JSON (3 when it leaves the stage to the run config)."""
+def configured_zero_settings(cfg: RunConfig) -> dict:
+    """`zero_settings` of the run's DeepSpeed JSON (a stage left to the run config: trainer.zero_stage, else 3)."""
     from toolkit.ds_config import ds_config_path, load_ds_config
 
-    stage = load_ds_config(ds_config_path(cfg)).get("zero_optimization", {}).get("stage", 3)
-    return stage if isinstance(stage, int) else (cfg.trainer.zero_stage or 3)
-
-
-def configured_offload(cfg: RunConfig) -> bool:
-    """Whether the run's DeepSpeed JSON offloads the ZeRO-3 parameters to host memory."""
-    from toolkit.ds_config import ds_config_path, load_ds_config
-
-    ds_config = load_ds_config(ds_config_path(cfg))
-    zero = ds_config.get("zero_optimization", {})
-    return offloads_parameters({**ds_config, "zero_optimization": {**zero, "stage": configured_zero_stage(cfg)}})
+    return zero_settings(load_ds_config(ds_config_path(cfg)), cfg.trainer.zero_stage or 3)
 
 
 def describe_plan(cfg: RunConfig, world_size: int, gpu_memory_bytes: float = 80e9, policy: str | None = None) -> list[str]:
     """The lines `--dry-run` prints."""
     config = resolve_dit_config(cfg.model.model_size)
-    stage, offload = configured_zero_stage(cfg), configured_offload(cfg)
+    zero = configured_zero_settings(cfg)
+    stage, offload = zero["zero_stage"], zero["offload_param"]
     total, lora, _ = parameter_counts(cfg)
     sp = cfg.model_parallel.context_parallel_size
     dp = world_size // sp
@@ -152,7 +154,7 @@ def describe_plan(cfg: RunConfig, world_size: int, gpu_memory_bytes: float = 80e
     policies = [policy] if policy else ["none", "selective", "full"]
     fits = []
     for name in policies:
-        estimate = estimate_memory(cfg, world_size, name, stage, offload)
+        estimate = estimate_memory(cfg, world_size, name, **zero)
         ok = estimate.total_bytes <= 0.95 * gpu_memory_bytes
         fits.append((name, ok))
         lines.append(f"memory per GPU, checkpointing={name}: {estimate.describe()} ({'fits' if ok else 'does NOT fit'} in {gpu_memory_bytes / GIB:.0f} GiB)")
