@@ -124,6 +124,11 @@ def test_offloaded_base_leaves_only_the_gathered_working_set_on_the_gpu():
     assert any(line.startswith("base parameters offloaded (offload_param): 26.6 GiB of pinned host memory") for line in offload)
     assert any("checkpointing=full" in line and "(fits" in line for line in offload)
     assert any("checkpointing=none" in line and "does NOT fit" in line for line in offload)
+    # with the base already offloaded, a plan that still does not fit does not suggest offloading it
+    two_samples = describe_plan(load_run_config("predict2_video2world_lora_training_14b_custom_data", None,
+                                                [*base, "trainer.ds_config=ds_configs/14b_offload.json",
+                                                 "dataloader_train.batch_size=2"]), 1)
+    assert two_samples[-1].startswith("does not fit") and "14b_offload" not in two_samples[-1]
 
 
 def test_plan_reads_the_live_parameter_budget_from_the_deepspeed_json():

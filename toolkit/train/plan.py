@@ -159,9 +159,10 @@ def describe_plan(cfg: RunConfig, world_size: int, gpu_memory_bytes: float = 80e
         fits.append((name, ok))
         lines.append(f"memory per GPU, checkpointing={name}: {estimate.describe()} ({'fits' if ok else 'does NOT fit'} in {gpu_memory_bytes / GIB:.0f} GiB)")
     if not any(ok for _, ok in fits):
+        offload_hint = ("" if offload or cfg.model.model_size != "14B"
+                        else "offload the base (trainer.ds_config=ds_configs/14b_offload.json), ")
         lines.append(
             "does not fit: raise model_parallel.context_parallel_size (tokens per GPU fall by sp), use more GPUs "
-            "(ZeRO-3 shards the base), offload the base (trainer.ds_config=ds_configs/14b_offload.json), lower "
-            "dataloader_train.batch_size, or use resolution 480"
+            f"(ZeRO-3 shards the base), {offload_hint}lower dataloader_train.batch_size, or use resolution 480"
         )
     return lines
