@@ -23,6 +23,7 @@ import torch
 
 from benchmarks.profiling import timed
 from benchmarks.report import card_suffix, machine_fields
+from toolkit.model.attention import SDPAttention
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (label, query tokens, key tokens, heads): self-attention, and cross-attention to the 512 T5 tokens
@@ -40,13 +41,6 @@ def _time(fn, device, repeats: int) -> float:
     return statistics.median(timed(fn, device)[1] for _ in range(repeats))
 
 
-def _sdpa_math(q, k, v):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-
-
 def _outputs_and_grads(kernel, q, k, v, grad) -> tuple[torch.Tensor, ...]:
     """(out, dq, dk, dv) of one forward and backward of `kernel` with output gradient `grad`."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -60,19 +54,11 @@ def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _kernels(device) -> dict:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    def sdpa(backend):
-        def run(q, k, v):  # [B, S, H, D] in and out, like toolkit.model.attention
-            with sdpa_kernel(backend):
-                out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
-            return out.transpose(1, 2)
-        return run
-
+    """The kernels by name, each `[B, S, H, D]` in and out: the toolkit's attention call with one SDPA backend each,
+    and FA4's own autograd function next to the toolkit's custom ops around the same kernels."""
     if device.type != "cuda":
-        return {"math": sdpa(SDPBackend.MATH)}
-    kernels = {"cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "flash": sdpa(SDPBackend.FLASH_ATTENTION),
-               "efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION)}
+        return {"math": SDPAttention("math")}
+    kernels = {name: SDPAttention(name) for name in ("cudnn", "flash", "efficient")}
     try:
         from flash_attn.cute import flash_attn_func
 
@@ -120,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         flops = 4 * length * key_length * heads * 128
         first = fp32 = None
         if length * key_length * heads <= FP32_REFERENCE_MAX_SCORES:
-            fp32 = _outputs_and_grads(_sdpa_math, q.float(), k.float(), v.float(), grad.float())
+            fp32 = _outputs_and_grads(SDPAttention("math"), q.float(), k.float(), v.float(), grad.float())
         for name, kernel in kernels.items():
             row = {"shape": label, "tokens": length, "key_tokens": key_length, "heads": heads, "kernel": name}
             try:

@@ -17,15 +17,15 @@ import json
 from pathlib import Path
 
 from toolkit.config import load_run_config
+from toolkit.experiments import VIDEO_SIZES
 from toolkit.train.plan import configured_zero_settings, estimate_memory
 
 EXPERIMENTS = {"2B": "predict2_video2world_lora_training_2b_custom_data", "14B": "predict2_video2world_lora_training_14b_custom_data"}
-SIZES = {"720": (704, 1280), "480": (432, 768)}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _config(size: str, resolution: str, sp: int, compile_mode: str = "auto"):
-    height, width = SIZES[resolution]
+    height, width = VIDEO_SIZES[resolution][0]
     return load_run_config(EXPERIMENTS[size], None, [
         "model.config.allow_random_base=true", "model.config.dit_path=", f"model.config.resolution={resolution}",
         f"dataloader_train.dataset.video_size=[{height},{width}]", f"model_parallel.context_parallel_size={sp}",

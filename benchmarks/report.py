@@ -84,7 +84,10 @@ def _reference_times(rows: list[dict]) -> dict[tuple, float]:
     return best
 
 
-def train_table(rows: list[dict]) -> list[str]:
+def train_table(rows: list[dict], fa4_rates: dict[tuple, float] | None = None) -> list[str]:
+    """The training table, then per diffusers baseline row how our fastest 1-GPU step compares, and the step's
+    kernel floor at the ceiling's rates and, where `fa4_rates` has the card and shape, at FlashAttention-4's
+    measured forward+backward rate (FLOP/s by (card, "2B 720p"), from the attention kernel files)."""
     head = ("| card | mode | size | res | GPUs | SP | ZeRO | ckpt | attention | compile | s/it | samples/s | tokens/s/GPU | MFU "
             "| of kernel ceiling | scaling vs 1 GPU | peak alloc GiB | peak reserved GiB | first loss | tag |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -103,9 +106,24 @@ def train_table(rows: list[dict]) -> list[str]:
     for b in baseline:
         ours = min((t for k, t in single.items() if k[:3] == (card(b.get("gpu")), b["size"], b["resolution"])), default=None)
         if ours:
+            from toolkit.model import resolve_dit_config
+            from toolkit.train.metrics import kernel_floor_seconds, sample_flops
+
+            flops = sample_flops(resolve_dit_config(b["size"]), b["tokens"])
+            fa4 = (fa4_rates or {}).get((card(b.get("gpu")), f"{b['size']} {b['resolution']}p"))
+            floors = f"{kernel_floor_seconds(flops, 'lora'):.2f} s at the kernel ceiling's rates" + (
+                f", {kernel_floor_seconds(flops, 'lora', fa4):.2f} s at FlashAttention-4's measured "
+                f"{fa4 / 1e12:.0f} TFLOP/s forward+backward" if fa4 else "")
             lines += ["", f"{card(b.get('gpu'))}: our {b['size']} {b['resolution']}p step on one GPU is {b['median_s_per_iter'] / ours:.2f}x faster than the "
-                          f"hand-built diffusers + PEFT step measured in the same run ({b['median_s_per_iter']:.2f} s vs {ours:.2f} s)."]
+                          f"hand-built diffusers + PEFT step measured on the same card ({b['median_s_per_iter']:.2f} s vs {ours:.2f} s); "
+                          f"2x would need {b['median_s_per_iter'] / 2:.2f} s, and the step's kernel floor is {floors}."]
     return lines
+
+
+def fa4_rates(kernel_files: list[dict]) -> dict[tuple, float]:
+    """FlashAttention-4's forward+backward FLOP/s through the toolkit's custom ops, by (card, shape)."""
+    return {(card(f.get("gpu")), r["shape"]): r["forward_backward_tflops"] * 1e12 for f in kernel_files for r in f["rows"]
+            if r["kernel"] == "fa4_op" and "forward_backward_tflops" in r}
 
 
 def generate_table(rows: list[dict]) -> list[str]:
@@ -157,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{gpu} (driver {r.get('driver', 'n/a')}, torch {r.get('torch', 'n/a')}, deepspeed {r.get('deepspeed', 'n/a')})"
         for gpu, r in sorted(machines.items())) + ". The targets are stated for H100; other cards' rows compare only with "
         "rows of the same card.", ""]
-    body = header + ["### Training (LoRA step)", ""] + train_table(train) + ["", "### Generation", ""] + generate_table(generate)
     kernels = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("attention_kernels.json"))] + _rows("attention_kernels")
+    body = header + ["### Training (LoRA step)", ""] + train_table(train, fa4_rates(kernels)) + ["", "### Generation", ""]
+    body += generate_table(generate)
     if kernels:
         body += ["", "### Attention kernels (`python -m benchmarks.attention_kernels`, bf16, batch 1, head dim 128)", ""]
         body += attention_table(kernels)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.profiling import busy_and_gaps, kernel_kind
-from benchmarks.report import _floor, card, card_suffix, generate_table, train_table
+from benchmarks.report import _floor, card, card_suffix, fa4_rates, generate_table, train_table
 from toolkit.model import resolve_dit_config
 from toolkit.train.metrics import (
     ATTENTION_FORWARD_BACKWARD_RATE,
@@ -57,6 +57,23 @@ def test_cards_scaling_and_ceiling_fraction():
     assert "| 96% |" in dp  # 4 samples per 12.5 s on 4 GPUs against one per 12.0 s on one: per sample
     h200 = next(line for line in lines if line.startswith("| H200"))
     assert "| elementwise |" in h200 and h200.split("|")[16].strip() == "-"  # no H200 1-GPU row: no scaling figure
+
+
+def test_baseline_line_gives_the_kernel_floor_at_each_attention_rate():
+    flops = sample_flops(resolve_dit_config("2B"), 84_480)
+    assert kernel_floor_seconds(flops, "lora", ATTENTION_FORWARD_BACKWARD_RATE) == kernel_floor_seconds(flops, "lora")
+    faster = kernel_floor_seconds(flops, "lora", 2 * ATTENTION_FORWARD_BACKWARD_RATE)
+    assert faster < kernel_floor_seconds(flops, "lora") and kernel_floor_seconds(flops, "forward", 1e15) < kernel_floor_seconds(flops, "forward")
+    baseline = _row("NVIDIA H100 80GB HBM3", 1, 20.0, mode="diffusers", attention_backend="sdpa-default")
+    kernels = [{"gpu": "NVIDIA H100 80GB HBM3", "rows": [
+        {"shape": "2B 720p", "kernel": "fa4_op", "forward_backward_tflops": 1140.0},
+        {"shape": "2B 720p", "kernel": "cudnn", "forward_backward_tflops": 590.0}]}]
+    assert fa4_rates(kernels) == {("H100", "2B 720p"): 1140e12}
+    line = train_table([_row("NVIDIA H100 80GB HBM3", 1, 12.5), baseline], fa4_rates(kernels))[-1]
+    assert line.startswith("H100: our 2B 720p step on one GPU is 1.60x faster") and "2x would need 10.00 s" in line
+    assert f"floor is {kernel_floor_seconds(flops, 'lora'):.2f} s at the kernel ceiling's rates, {faster:.2f} s at " in line
+    assert "measured 1140 TFLOP/s" in line
+    assert train_table([_row("NVIDIA H100 80GB HBM3", 1, 12.5), baseline])[-1].endswith("at the kernel ceiling's rates.")
 
 
 def test_generate_table_ceiling_uses_two_forwards_per_guided_step():

@@ -72,7 +72,6 @@ class SDPAttention:
             from toolkit.model.fa4_op import check_interface, fa4_attention_op
 
             check_interface()  # installed, and the private functions the training ops call are as measured
-
             self.backend_used = "fa4"
             return fa4_attention_op(q_B_S_H_D, k_B_S_H_D, v_B_S_H_D)
         out_B_S_H_D = fa4_attention()(*(t.contiguous() for t in (q_B_S_H_D, k_B_S_H_D, v_B_S_H_D)))[0]

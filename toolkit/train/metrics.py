@@ -39,14 +39,16 @@ class StepFlops:
         return (self.self_attention_forward + self.cross_attention_forward) / self.forward
 
 
-def kernel_floor_seconds(flops: StepFlops, kind: str) -> float:
+def kernel_floor_seconds(flops: StepFlops, kind: str, attention_rate: float | None = None) -> float:
     """Seconds one sample would take if every model FLOP ran at the measured kernel rates (no recompute, no
-    elementwise or communication time): `forward` (inference), `lora` (frozen base) or `full` (every weight trains)."""
+    elementwise or communication time): `forward` (inference), `lora` (frozen base) or `full` (every weight trains).
+    `attention_rate` (FLOP/s) replaces the cuDNN attention rate of that kind, e.g. another kernel's measured one."""
     attention = flops.self_attention_forward + flops.cross_attention_forward
     if kind == "forward":
-        return attention / ATTENTION_FORWARD_RATE + flops.linear_forward / MATMUL_RATE
+        return attention / (attention_rate or ATTENTION_FORWARD_RATE) + flops.linear_forward / MATMUL_RATE
     linear_passes = {"lora": 2, "full": 3}[kind]
-    return 3.5 * attention / ATTENTION_FORWARD_BACKWARD_RATE + linear_passes * flops.linear_forward / MATMUL_RATE
+    return (3.5 * attention / (attention_rate or ATTENTION_FORWARD_BACKWARD_RATE)
+            + linear_passes * flops.linear_forward / MATMUL_RATE)
 
 
 def num_tokens(config: DiTConfig, latent_t: int, latent_h: int, latent_w: int) -> int:

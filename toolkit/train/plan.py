@@ -78,21 +78,22 @@ def parameter_counts(cfg: RunConfig) -> tuple[int, int, int]:
     return total, stats.trainable_parameters, per_block
 
 
-def offloads_parameters(ds_config: dict) -> bool:
-    """Whether a DeepSpeed config keeps the ZeRO-3 parameters in host memory (`offload_param` to cpu or nvme)."""
-    zero = ds_config.get("zero_optimization", {})
-    return zero.get("stage") == 3 and (zero.get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
-
-
 def zero_settings(ds_config: dict, default_stage: int = 3) -> dict:
     """The keyword arguments of `estimate_memory` that a DeepSpeed config decides: the ZeRO stage (`default_stage`
-    where the JSON leaves it to the run config), parameter offload, and ZeRO-3's live-parameter budget."""
+    where the JSON leaves it to the run config), parameter offload (ZeRO-3 `offload_param` to cpu or nvme), and
+    ZeRO-3's live-parameter budget."""
     zero = ds_config.get("zero_optimization", {})
     stage = zero.get("stage", default_stage)
     stage = stage if isinstance(stage, int) else default_stage
+    offload = stage == 3 and (zero.get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
     live = zero.get("stage3_max_live_parameters", ZERO3_MAX_LIVE_PARAMETERS)
-    return {"zero_stage": stage, "offload_param": offloads_parameters({**ds_config, "zero_optimization": {**zero, "stage": stage}}),
+    return {"zero_stage": stage, "offload_param": offload,
             "max_live_parameters": float(live) if isinstance(live, (int, float)) else ZERO3_MAX_LIVE_PARAMETERS}
+
+
+def offloads_parameters(ds_config: dict) -> bool:
+    """Whether a DeepSpeed config keeps the ZeRO-3 parameters in host memory."""
+    return zero_settings(ds_config)["offload_param"]
 
 
 def estimate_memory(cfg: RunConfig, world_size: int, policy: str, zero_stage: int = 3, offload_param: bool = False,
