@@ -63,20 +63,29 @@ def profile_call(fn: Callable[[], object], device: torch.device) -> dict:
     (which show whether KERNEL_KINDS still names them right). Empty on CPU."""
     if device.type != "cuda":
         return {}
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
+    return summarize_events(prof.events())
+
+
+def summarize_events(events) -> dict:
+    """profile_call's figures from torch.profiler events. GPU user annotations (`nccl:all_to_all`, which spans the
+    NCCL kernel it names) are skipped: counting them too doubled the communication time."""
+    from torch.autograd import DeviceType
+
     syncs: dict[str, int] = {}
     intervals = []
     by_kind: dict[str, float] = {}
     by_name: dict[str, float] = {}
-    for e in prof.events():
+    for e in events:
         if e.name in SYNC_CALLS or e.name == "aten::_local_scalar_dense":
             syncs[e.name] = syncs.get(e.name, 0) + 1
+        if getattr(e, "is_user_annotation", False):
+            continue
         if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start:
             intervals.append((e.time_range.start, e.time_range.end))
             kind = kernel_kind(e.name)

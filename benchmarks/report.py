@@ -162,6 +162,38 @@ def attention_table(files: list[dict]) -> list[str]:
     return lines
 
 
+def exchange_table(files: list[dict]) -> list[str]:
+    """benchmarks/sequence_exchange.py's rows: one self-attention's Ulysses exchange, fused against DeepSpeed's."""
+    header = ("| card | size | res | SP | message MB per tensor | fused fwd+bwd ms | DistributedAttention fwd+bwd ms "
+              "| per step (all blocks), fused s | per step, DistributedAttention s | one all-to-all ms | GB/s | same result |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for f in files:
+        for r in f["rows"]:
+            lines.append(f"| {card(f.get('gpu'))} | {r['size']} | {r['resolution']}p | {r['sp']} | {r['message_mb']:.1f} "
+                         f"| {r['fused_ms']:.2f} | {r['deepspeed_ms']:.2f} | {r['step_exchange_s_fused']:.3f} "
+                         f"| {r['step_exchange_s_deepspeed']:.3f} | {r['one_all_to_all_ms']:.3f} | {r['all_to_all_gb_per_s']:.0f} "
+                         f"| {'yes' if r['same_result'] else 'NO'} |")
+    return lines
+
+
+def lead_table(rows: list[dict]) -> list[str]:
+    """Training rows measured with --host_lead_ms or --alternate: the GPU's own step time, and the configured step
+    against the one before the fused exchange and LoRA forward, alternating in one process."""
+    header = ("| card | size | res | GPUs | SP | attention | s/it | GPU's own s/it (host lead ms) | alternating: configured s/it "
+              "| alternating: before s/it | before / configured | tag |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        if "gpu_s_per_iter" not in r and "alternate_s_per_iter" not in r:
+            continue
+        lead = f"{r['gpu_s_per_iter']:.3f} ({r['host_lead_ms']:.0f})" if "gpu_s_per_iter" in r else "-"
+        alt = r.get("alternate_s_per_iter", {})
+        cells = [f"{alt[k]:.3f}" if k in alt else "-" for k in ("configured", "before")]
+        ratio = f"{alt['before'] / alt['configured']:.3f}" if alt else "-"
+        lines.append(f"| {card(r.get('gpu'))} | {r['size']} | {r['resolution']}p | {r['world_size']} | {r['sp']} | {r['attention_backend']} "
+                     f"| {r['median_s_per_iter']:.3f} | {lead} | {cells[0]} | {cells[1]} | {ratio} | {r.get('tag', '')} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -176,7 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         for gpu, r in sorted(machines.items())) + ". The targets are stated for H100; other cards' rows compare only with "
         "rows of the same card.", ""]
     kernels = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("attention_kernels.json"))] + _rows("attention_kernels")
-    body = header + ["### Training (LoRA step)", ""] + train_table(train, fa4_rates(kernels)) + ["", "### Generation", ""]
+    body = header + ["### Training (LoRA step)", ""] + train_table(train, fa4_rates(kernels))
+    if any("gpu_s_per_iter" in r or "alternate_s_per_iter" in r for r in train):
+        body += ["", "### The GPU's own step time and same-process A/B (`--host_lead_ms`, `--alternate`)", ""] + lead_table(train)
+    exchanges = _rows("sequence_exchange")
+    if exchanges:
+        body += ["", "### The Ulysses exchange alone (`benchmarks.sequence_exchange`, bf16, batch 1)", ""] + exchange_table(exchanges)
+    body += ["", "### Generation", ""]
     body += generate_table(generate)
     if kernels:
         body += ["", "### Attention kernels (`python -m benchmarks.attention_kernels`, bf16, batch 1, head dim 128)", ""]

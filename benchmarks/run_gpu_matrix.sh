@@ -7,6 +7,7 @@
 #   SETS="compile rows2b" bash benchmarks/run_gpu_matrix.sh # only some sets: compile attention generate generate14b rows2b
 #                                                           # gen14b rows14b more14b zero3 lora_generate, and with
 #                                                           # FlashAttention-4 installed fa4train fa4train14b;
+#                                                           # sp480 (the Ulysses exchange), lorafuse (LoRA forward);
 #                                                           # MIN_GPUS=2 skips 1-GPU rows
 #
 # Checks inside: SP=2/4 first-step loss equals SP=1 (the `first loss` column), LoRA generation on 1 and 2 GPUs gives
@@ -96,6 +97,25 @@ if [ "$FA4" = 1 ]; then
   run generate14b 1 200 $ONE python3 $GT --size 14B --resolution 720 --measured_steps 1 --attention_backend fa4 --tag fa4
 else
   echo "=== FlashAttention-4 not installed: its generation rows are skipped (pip install -e '.[fa4]')"
+fi
+# sp480: what limits the 2B at 480p and SP=4, and the two changes against it (model_parallel.ulysses_exchange=fused,
+# model.config.fuse_lora), with the kernel `auto` picks (FA4 where installed). The exchange alone on 4 and 2 GPUs;
+# then the SP=4 and SP=2 rows with the defaults, each also run behind a queued GPU sleep (--host_lead_ms: the GPU's own
+# step time) and alternating step by step with the step as it was before both changes (--alternate).
+# lorafuse: the 1-GPU rows side by side, one GPU each: 720p and 480p with the fused LoRA forward and with PEFT's.
+AB=$([ "$FA4" = 1 ] && echo fa4 || echo cudnn)
+S2B="--size 2B --ds_config ds_configs/2b_replicated_base.json --attention_backend $AB"
+run sp480 4 120 $TR --nproc_per_node=4 -m benchmarks.sequence_exchange
+run sp480 2 120 env CUDA_VISIBLE_DEVICES=0,1 $TR --nproc_per_node=2 -m benchmarks.sequence_exchange
+run sp480 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 480 --sp 4 --checkpointing auto --steps 8 --host_lead_ms 1200 --alternate --tag replicated_base_${AB}
+run sp480 2 200 env CUDA_VISIBLE_DEVICES=0,1 $TR --nproc_per_node=2 $TT $S2B --resolution 480 --sp 2 --checkpointing auto --steps 5 --alternate --tag replicated_base_${AB}
+run sp480 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 720 --sp 4 --checkpointing auto --steps 4 --host_lead_ms 2000 --alternate --tag replicated_base_${AB}
+if [ "$GPUS" -ge 4 ]; then
+  runbg lorafuse 4 300 f720 env CUDA_VISIBLE_DEVICES=0 python3 $TT $S2B --checkpointing selective --resolution 720 --steps 3 --tag replicated_base_${AB}
+  runbg lorafuse 4 300 p720 env CUDA_VISIBLE_DEVICES=1 python3 $TT $S2B --checkpointing selective --resolution 720 --steps 3 --fuse_lora false --tag replicated_base_${AB}_peft
+  runbg lorafuse 4 300 f480 env CUDA_VISIBLE_DEVICES=2 python3 $TT $S2B --checkpointing selective --resolution 480 --steps 5 --tag replicated_base_${AB}
+  runbg lorafuse 4 300 p480 env CUDA_VISIBLE_DEVICES=3 python3 $TT $S2B --checkpointing selective --resolution 480 --steps 5 --fuse_lora false --tag replicated_base_${AB}_peft
+  finish
 fi
 # rows2b: 2B at 480p and 720p on 1, 2, 4 GPUs (default JSON); a whole 720p video on 2 GPUs
 run compile 1 150 $ONE python3 $TT --mode diffusers --size 2B --resolution 720 --steps 1

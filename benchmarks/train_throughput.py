@@ -45,6 +45,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sp", type=int, default=1, help="sequence-parallel size (launch this many processes per SP group)")
     p.add_argument("--checkpointing", default="selective", choices=["none", "full", "selective", "auto"])
     p.add_argument("--attention_backend", default="auto")
+    p.add_argument("--fuse_lora", default="true", choices=("true", "false"),
+                   help="model.config.fuse_lora: the LoRA forward as one addmm (true) or PEFT's forward (false)")
+    p.add_argument("--exchange", default="fused", choices=("fused", "deepspeed"),
+                   help="model_parallel.ulysses_exchange: q, k, v in one all-to-all (fused) or DistributedAttention's three")
+    p.add_argument("--host_lead_ms", type=float, default=0.0,
+                   help="after timing, run the measured steps again each behind this much queued GPU sleep, so the host "
+                        "can run ahead: the step time minus the sleep is the GPU's own time (gpu_s_per_iter). Much "
+                        "less than s/it means the host is too slow to keep the GPUs fed (CUDA only)")
+    p.add_argument("--alternate", action="store_true",
+                   help="after timing, alternate step by step between the configured step and the one before the fused "
+                        "Ulysses exchange and LoRA forward (same process, same batch); medians of each in the row")
     p.add_argument("--compile", default="auto", choices=COMPILE_MODES,
                    help="torch.compile of the elementwise maths (model.config.compile); auto = on CUDA")
     p.add_argument("--profile", action="store_true",
@@ -84,6 +95,65 @@ def _time_steps(step_fn, warmup: int, steps: int, device) -> tuple[list[float], 
     return times, losses
 
 
+def _sleep_cycles(lead_ms: float, device) -> tuple[int, float]:
+    """(cycles, seconds) of a `torch.cuda._sleep` that lasts about lead_ms, calibrated on this GPU (warmed up, then
+    rescaled from a 50 ms try)."""
+    cycles = 50_000_000
+    for _ in range(3):
+        seconds = statistics.median(timed(lambda: torch.cuda._sleep(cycles), device)[1] for _ in range(3))
+        cycles = int(cycles * lead_ms / 1e3 / seconds) if seconds > 0 else cycles
+    return cycles, statistics.median(timed(lambda: torch.cuda._sleep(cycles), device)[1] for _ in range(3))
+
+
+def _host_lead(step_fn, lead_ms: float, steps: int, device) -> dict:
+    """Each step again behind `lead_ms` of queued GPU sleep (`torch.cuda._sleep`, calibrated here): the host queues
+    the step's kernels while the GPU sleeps, so (time - sleep) is how long the GPU needs when it never waits for the
+    host. Host syncs inside the step (DeepSpeed's, at the end of backward) cut the lead short, so it measures the
+    forward and most of the backward. `{}` on CPU or with lead_ms = 0."""
+    if lead_ms <= 0 or device.type != "cuda":
+        return {}
+    cycles, sleep = _sleep_cycles(lead_ms, device)
+    times = []
+    for i in range(steps):
+        _, seconds = timed(lambda: (torch.cuda._sleep(cycles), step_fn(i)), device)
+        times.append(seconds - sleep)
+    return {"host_lead_ms": sleep * 1e3, "gpu_times": times, "gpu_s_per_iter": statistics.median(times)}
+
+
+def _alternate(step_fn, model, steps: int, device) -> dict:
+    """The configured step and the step as it was before the fused Ulysses exchange and fused LoRA forward
+    (DistributedAttention, PEFT's forward), alternating step by step in this process, so a drift of the machine
+    (clocks, neighbours) hits both alike. `steps` of each after one of each to warm up."""
+    from toolkit.lora.fused import fuse_lora_linears, fused_layer_count, unfuse_lora_linears
+    from toolkit.parallel.ulysses import UlyssesAttention
+
+    wrappers = {id(b.self_attn.attention_fn): b.self_attn.attention_fn for b in model.blocks
+                if isinstance(b.self_attn.attention_fn, UlyssesAttention)}
+    configured = {key: w.exchange for key, w in wrappers.items()}
+    fused = fused_layer_count(model, torch.bfloat16)[1] > 0
+
+    def use(before: bool) -> None:
+        for key, w in wrappers.items():
+            w.exchange = "deepspeed" if before else configured[key]
+        if before or not fused:
+            unfuse_lora_linears(model)
+        else:
+            fuse_lora_linears(model)
+
+    times: dict[str, list[float]] = {"configured": [], "before": []}
+    losses: dict[str, list[float]] = {"configured": [], "before": []}
+    for i in range(2 * (steps + 1)):
+        name = ("configured", "before")[i % 2]
+        use(name == "before")
+        loss, seconds = timed(lambda: step_fn(i), device)
+        losses[name].append(float(loss))
+        if i >= 2:
+            times[name].append(seconds)
+    use(False)
+    return {"alternate_times": times, "alternate_losses": losses,
+            "alternate_s_per_iter": {k: statistics.median(v) for k, v in times.items()}}
+
+
 def _compile_stats(model) -> dict:
     from torch._dynamo.utils import counters
 
@@ -102,6 +172,7 @@ def run_lora(args) -> dict:
     from toolkit.train.build import assemble_model
     from toolkit.train.loop import forward_backward_step, reduce_step, step_generator
     from toolkit.train.optim import build_optimizer
+    from toolkit.lora.fused import fused_layer_count
     from toolkit.train.plan import offloads_parameters
 
     topo = init_distributed(args.sp)
@@ -109,7 +180,8 @@ def run_lora(args) -> dict:
         "model.config.allow_random_base=true", "model.config.dit_path=", f"model_parallel.context_parallel_size={args.sp}",
         "dataloader_train.batch_size=1", f"model.config.activation_checkpointing={args.checkpointing}",
         f"model.config.attention_backend={args.attention_backend}", f"model.config.lora_rank={RANK[args.size]}",
-        f"model.config.compile={args.compile}",
+        f"model.config.compile={args.compile}", f"model.config.fuse_lora={args.fuse_lora}",
+        f"model_parallel.ulysses_exchange={args.exchange}",
         f"model.config.lora_alpha={RANK[args.size]}",
     ]
     if args.size != "tiny":
@@ -138,10 +210,15 @@ def run_lora(args) -> dict:
         return reduce_step(loss, False, topo.device)[0]
 
     times, losses = _time_steps(step, args.warmup, args.steps, topo.device)
+    lead = _host_lead(step, args.host_lead_ms, args.steps, topo.device)
+    if args.alternate:
+        lead.update(_alternate(step, assembled.model, args.steps, topo.device))
     profiled = profile_call(lambda: step(args.warmup + args.steps), topo.device) if args.profile else {}
-    return {**profiled, **_compile_stats(assembled.model),
+    return {**profiled, **lead, **_compile_stats(assembled.model),
+        "ulysses_exchange": cfg.model_parallel.ulysses_exchange if assembled.sp_size > 1 else None,
         "world_size": topo.world_size, "dp": topo.dp_size, "sp": assembled.sp_size, "zero_stage": ds_config["zero_optimization"]["stage"],
-        "offload_param": offloads_parameters(ds_config),
+        "offload_param": offloads_parameters(ds_config), "fuse_lora": cfg.model.fuse_lora,
+        "lora_fused_layers": list(fused_layer_count(assembled.model, latent.dtype if topo.device.type == "cpu" else torch.bfloat16)),
         "checkpointing": assembled.checkpointing, "attention_backend": assembled.model.attention.backend_used,
         "times": times, "first_loss": losses[0], "losses": losses, "build_seconds": build_seconds, "memory_after_build_gib": static_gib,
         "trainable_parameters": assembled.lora.trainable_parameters, "is_main": topo.is_main, "device": topo.device,
@@ -255,6 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"RESULT {name}: {row['median_s_per_iter']:.3f} s/it, MFU {row['mfu']:.1%}, "
               f"peak {row.get('peak_allocated_gib', 0):.1f} GiB, backend {row['attention_backend']}, compile {row.get('compile')} "
               f"({row.get('compiled_graphs', 0)} graphs), first loss {row['first_loss']:.6f}")
+        if "gpu_s_per_iter" in row:
+            print(f"RESULT host lead {row['host_lead_ms']:.0f} ms: the GPU's own time {row['gpu_s_per_iter']:.3f} s/it "
+                  f"against {row['median_s_per_iter']:.3f} s/it")
+        if "alternate_s_per_iter" in row:
+            alt = row["alternate_s_per_iter"]
+            print(f"RESULT alternating: configured {alt['configured']:.3f} s/it, before the fused exchange and LoRA "
+                  f"forward {alt['before']:.3f} s/it")
         if "profile_syncs" in row:
             print(f"RESULT profile: {describe_profile(row)}")
     if torch.distributed.is_initialized():

@@ -147,6 +147,9 @@ class ModelConfig:
     Hopper when it is installed, else SDPA with cuDNN first on Hopper."""
     activation_checkpointing: Literal["none", "full", "selective", "auto"] = "auto"
     """Per-block recomputation; `auto` lets the trainer choose from size and memory."""
+    fuse_lora: bool = True
+    """LoRA Linear forward as one addmm (`W x + s B A x` in the second GEMM's epilogue) instead of PEFT's three extra
+    passes; falls back to PEFT's forward where that would differ (toolkit/lora/fused.py)."""
     compile: Literal["none", "elementwise", "auto"] = "auto"
     """torch.compile of the blocks' elementwise maths (norms, RoPE, modulation); `auto` = on CUDA only."""
     ema: EMAConfig = setting(factory=EMAConfig)
@@ -309,6 +312,9 @@ class ModelParallelConfig:
 
     context_parallel_size: int = setting(1, check=POSITIVE_INT)
     """DeepSpeed-Ulysses group size; must divide the attention heads and the latent frames."""
+    ulysses_exchange: Literal["fused", "deepspeed"] = "fused"
+    """The all-to-all inside self-attention: `fused` sends q, k, v in one message; `deepspeed` uses
+    DistributedAttention (one message each for q, k, v). Same numbers (toolkit/parallel/ulysses.py)."""
 
 
 @dataclass(frozen=True)

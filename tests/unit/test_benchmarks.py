@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.profiling import busy_and_gaps, kernel_kind
+from benchmarks.profiling import busy_and_gaps, kernel_kind, summarize_events
 from benchmarks.report import _floor, card, card_suffix, fa4_rates, generate_table, train_table
 from toolkit.model import resolve_dit_config
 from toolkit.train.metrics import (
@@ -107,6 +107,23 @@ def test_kernel_kinds_and_busy_time():
     assert (span, busy, gaps) == (31, 18, [8, 5])
 
 
+def test_profile_summary_counts_an_nccl_kernel_once():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(name, start, end, device=DeviceType.CUDA, annotation=False):
+        return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation,
+                               time_range=SimpleNamespace(start=start, end=end))
+
+    events = [event("ncclDevKernel_SendRecv", 0, 2000), event("nccl:all_to_all", 0, 2000, annotation=True),
+              event("nvjet_sm90_gemm", 3000, 4000), event("cudaStreamSynchronize", 4000, 4100, DeviceType.CPU)]
+    summary = summarize_events(events)
+    assert summary["profile_kernel_ms"] == {"communication": 2.0, "matmul": 1.0}
+    assert summary["profile_gpu_busy_ms"] == 3.0 and summary["profile_gpu_idle_ms"] == 1.0
+    assert summary["profile_syncs"] == {"cudaStreamSynchronize": 1}
+
+
 def test_generate_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "row.json"
     cmd = [sys.executable, "-m", "benchmarks.generate_throughput", "--size", "tiny", "--measured_steps", "1",
@@ -123,13 +140,29 @@ def test_generate_benchmark_runs_on_cpu(tmp_path):
 def test_train_benchmark_runs_on_cpu(tmp_path):
     out = tmp_path / "row.json"
     cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--size", "tiny", "--resolution", "480", "--steps", "1",
-           "--warmup", "1", "--checkpointing", "selective", "--profile", "--out", str(out)]
+           "--warmup", "1", "--checkpointing", "selective", "--profile", "--alternate", "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads(out.read_text())
     assert row["compile"] == "none" and row["checkpointing"] == "selective" and row["attention_backend"] == "cpu-default"
     assert len(row["times"]) == 1 and len(row["losses"]) == 2 and row["first_loss"] > 0
     assert "profile_syncs" not in row  # the profiler check needs CUDA
+    assert "gpu_s_per_iter" not in row  # so does --host_lead_ms
+    assert {k: len(v) for k, v in row["alternate_times"].items()} == {"configured": 1, "before": 1}
+    assert all(len(v) == 2 and all(x > 0 for x in v) for v in row["alternate_losses"].values())  # warm-up + measured
+    assert row["lora_fused_layers"] == [0, 20]  # the fused forward is back after alternating (ZeRO-3 here: PEFT's runs)
+
+
+def test_sequence_exchange_benchmark_runs_on_cpu(tmp_path):
+    from tests.distributed.launch import run
+
+    out = tmp_path / "exchange.json"
+    run(["-m", "benchmarks.sequence_exchange", "--sizes", "2B", "--resolutions", "480", "--num_frames", "5", "--iters", "1",
+         "--out", str(out)], nproc=2)
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["same_result"] is True and row["sp"] == 2 and row["tokens"] == 2 * 27 * 48
+    assert row["message_mb"] == pytest.approx(row["tokens"] / 2 * 2048 * 4 / 1e6)
+    assert row["fused_ms"] > 0 and row["deepspeed_ms"] > 0 and row["step_exchange_s_fused"] == pytest.approx(row["fused_ms"] * 28 / 1e3)
 
 
 

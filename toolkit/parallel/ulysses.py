@@ -2,9 +2,16 @@
 
 The token grid is split along latent time into `sp` equal contiguous chunks (t outermost in the flattened
 sequence, so this is a contiguous split of the sequence, as upstream's context parallelism does); RoPE angles
-are sliced the same way. Inside self-attention `deepspeed.sequence.layer.DistributedAttention` swaps
-sequence-sharding for head-sharding with an all-to-all, runs full-sequence attention on heads/sp heads, and
-swaps back. Cross-attention, MLP and modulation stay local.
+are sliced the same way. Inside self-attention an all-to-all swaps sequence-sharding for head-sharding, full-sequence
+attention runs on heads/sp heads, and a second all-to-all swaps back. Cross-attention, MLP and modulation stay local.
+
+Two exchanges do the swap (`model_parallel.ulysses_exchange`):
+- `fused` (default): q, k and v travel in one all-to-all, packed straight into the send layout (one copy), and the
+  received buffer is q, k, v as strided views (no copy for one sample per SP group): two all-to-alls per block in
+  forward and two in backward. This is the merge DeepSpeed's own `DistributedAttention` leaves as a TODO.
+- `deepspeed`: `deepspeed.sequence.layer.DistributedAttention`, one all-to-all each for q, k, v and the output, each
+  with a permuted copy before and after it: four per block each way.
+Both give the same numbers (tests/distributed compare them); `fused` sends fewer, larger messages and copies less.
 
 The network output stays sharded (`gather_output=False`, training): each rank's loss is the mean over its own
 tokens, which is what ZeRO's gradient averaging over all ranks expects (deepspeed_notes trap 3). Generation
@@ -62,6 +69,46 @@ class UlyssesSequence:
         return _GatherTime.apply(x, dim, self.group)
 
 
+class _ExchangeDim0(torch.autograd.Function):
+    """Differentiable all-to-all over dim 0 (size = the group size): block i goes to rank i; the backward is the same
+    exchange of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        out = torch.empty_like(grad)
+        dist.all_to_all_single(out, grad, group=ctx.group)
+        return out, None
+
+
+def fused_ulysses_attention(attention_fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group) -> torch.Tensor:
+    """q, k, v `[B, S/P, H, D]` (sequence-sharded) -> one all-to-all -> attention on `[B, S, H/P, D]` -> one
+    all-to-all -> `[B, S/P, H, D]`. Rank r's send block j holds head group j of r's tokens, so what r receives
+    from rank j is sequence chunk j of r's heads, in sequence order."""
+    size = dist.get_world_size(group)
+    b, s, h, d = q.shape
+    hp = h // size
+    # [P, B, S/P, 3, H/P, D]: one copy, already in the layout the all-to-all sends
+    send = torch.stack([t.view(b, s, size, hp, d).permute(2, 0, 1, 3, 4) for t in (q, k, v)], dim=3)
+    recv = _ExchangeDim0.apply(send, group)  # [P (sequence chunk), B, S/P, 3, H/P, D]
+    if b == 1:
+        full = recv.view(1, size * s, 3, hp, d)
+    else:
+        full = recv.permute(1, 0, 2, 3, 4, 5).reshape(b, size * s, 3, hp, d)
+    out = attention_fn(*full.unbind(2))  # [B, S, H/P, D]
+    back = out.reshape(b, size, s, hp, d).transpose(0, 1)  # [P (sequence chunk), B, S/P, H/P, D]; a view for B = 1
+    back = _ExchangeDim0.apply(back, group)  # [P (head group), B, S/P, H/P, D]
+    return back.permute(1, 2, 0, 3, 4).reshape(b, s, h, d)
+
+
 class _LocalAttention(nn.Module):
     """Adapter so DistributedAttention can call our attention function (layout [B, S, H, D] in and out)."""
 
@@ -73,21 +120,33 @@ class _LocalAttention(nn.Module):
         return self.attention_fn(q, k, v)
 
 
+EXCHANGES = ("fused", "deepspeed")
+
+
 class UlyssesAttention:
     """Wraps an attention function: q, k, v `[B, S/sp, H, D]` -> all-to-all -> `[B, S, H/sp, D]` -> back."""
 
-    def __init__(self, attention_fn, group) -> None:
-        from deepspeed.sequence.layer import DistributedAttention
-
+    def __init__(self, attention_fn, group, exchange: str = "fused") -> None:
+        if exchange not in EXCHANGES:
+            raise SequenceParallelError(f"model_parallel.ulysses_exchange={exchange!r}: choose one of {', '.join(EXCHANGES)}")
         self.inner = attention_fn
-        self.distributed = DistributedAttention(_LocalAttention(attention_fn), group, scatter_idx=2, gather_idx=1)
+        self.group = group
+        self.exchange = exchange  # may be switched between calls (benchmarks/train_throughput.py --alternate)
+        self._distributed = None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.distributed(q, k, v, batch_dim_idx=0)
+        if self.exchange == "fused":
+            return fused_ulysses_attention(self.inner, q, k, v, self.group)
+        if self._distributed is None:
+            from deepspeed.sequence.layer import DistributedAttention
+
+            self._distributed = DistributedAttention(_LocalAttention(self.inner), self.group, scatter_idx=2, gather_idx=1)
+        return self._distributed(q, k, v, batch_dim_idx=0)
 
 
-def apply_sequence_parallel(model: nn.Module, group, gather_output: bool = False) -> int:
-    """Shard `model` (a CosmosDiT) over `group`; returns the SP size. Checks head divisibility up front."""
+def apply_sequence_parallel(model: nn.Module, group, gather_output: bool = False, exchange: str = "fused") -> int:
+    """Shard `model` (a CosmosDiT) over `group` with the `exchange` all-to-all (see the module); returns the SP
+    size. Checks head divisibility up front."""
     size = dist.get_world_size(group)
     if size == 1:
         return 1
@@ -99,7 +158,7 @@ def apply_sequence_parallel(model: nn.Module, group, gather_output: bool = False
             f"which must divide by the sequence-parallel size; choose one of {divisors}"
         )
     model.sequence_parallel = UlyssesSequence(group, gather_output=gather_output)
-    wrapped = UlyssesAttention(model.attention, group)
+    wrapped = UlyssesAttention(model.attention, group, exchange)
     for block in model.blocks:
         block.self_attn.attention_fn = wrapped
     return size

@@ -130,10 +130,15 @@ def assemble_model(cfg: RunConfig, topology: Topology, ds_config: dict) -> Assem
         init_lora_weights=cfg.model.init_lora_weights,
         dropout=cfg.model.lora_dropout,
     )
+    if cfg.model.fuse_lora:
+        from toolkit.lora.fused import fuse_lora_linears
+
+        fuse_lora_linears(model)
     if not _use_zero_init(cfg, topology, ds_config):
         model.to(topology.device)
     policy = choose_checkpointing(cfg, topology, ds_config)
     apply_activation_checkpointing(model, policy)
-    sp = apply_sequence_parallel(model, topology.sp_group) if topology.sp_size > 1 else 1
+    sp = (apply_sequence_parallel(model, topology.sp_group, exchange=cfg.model_parallel.ulysses_exchange)
+          if topology.sp_size > 1 else 1)
     compiled = apply_compile(model, cfg.model.compile, topology.device)
     return AssembledModel(model, identity, stats, policy, sp, compiled)
