@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="after timing, run the measured steps again each behind this much queued GPU sleep, so the host "
                         "can run ahead: the step time minus the sleep is the GPU's own time (gpu_s_per_iter). Much "
                         "less than s/it means the host is too slow to keep the GPUs fed (CUDA only)")
+    p.add_argument("--gc", default="auto", choices=("auto", "manual"),
+                   help="manual: collect, freeze and disable Python's garbage collector after building (as Megatron's "
+                        "--manual-gc) to see whether collection pauses hold the ranks up; the row records GC ms per step")
     p.add_argument("--alternate", action="store_true",
                    help="after timing, alternate step by step between the configured step and the one before the fused "
                         "Ulysses exchange and LoRA forward (same process, same batch); medians of each in the row")
@@ -93,6 +96,37 @@ def _time_steps(step_fn, warmup: int, steps: int, device) -> tuple[list[float], 
         if i >= warmup:
             times.append(seconds)
     return times, losses
+
+
+class _GcClock:
+    """Seconds Python's garbage collector ran while active (gc.callbacks), and how many collections of each
+    generation: whether collection pauses on one rank can hold the others up at the next all-to-all."""
+
+    def __init__(self) -> None:
+        self.seconds, self.counts, self._start, self.active = 0.0, [0, 0, 0], 0.0, False
+        import gc
+
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if not self.active:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._start
+            self.counts[info["generation"]] += 1
+
+
+def _gc_fields(clock: _GcClock, steps: int, manual: bool) -> dict:
+    """The row's GC fields: this rank's, and the largest over the ranks (all ranks call this)."""
+    per_step = clock.seconds / max(steps, 1) * 1e3
+    every = [per_step]
+    if torch.distributed.is_initialized():
+        every = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(every, per_step)
+    return {"gc": "manual" if manual else "auto", "gc_ms_per_step": per_step, "gc_ms_per_step_max_rank": max(every),
+            "gc_collections": clock.counts}
 
 
 def _sleep_cycles(lead_ms: float, device) -> tuple[int, float]:
@@ -209,12 +243,27 @@ def run_lora(args) -> dict:
         loss = forward_backward_step(engine, latent, text, cfg.model.objective, generator, split)
         return reduce_step(loss, False, topo.device)[0]
 
-    times, losses = _time_steps(step, args.warmup, args.steps, topo.device)
+    clock = _GcClock()
+    if args.gc == "manual":
+        import gc
+
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+
+
+    def clocked_step(i: int) -> float:  # the GC clock runs during the measured steps only
+        clock.active = i >= args.warmup
+        return step(i)
+
+    times, losses = _time_steps(clocked_step, args.warmup, args.steps, topo.device)
+    clock.active = False
+    gc_fields = _gc_fields(clock, args.steps, args.gc == "manual")
     lead = _host_lead(step, args.host_lead_ms, args.steps, topo.device)
     if args.alternate:
         lead.update(_alternate(step, assembled.model, args.steps, topo.device))
     profiled = profile_call(lambda: step(args.warmup + args.steps), topo.device) if args.profile else {}
-    return {**profiled, **lead, **_compile_stats(assembled.model),
+    return {**profiled, **lead, **gc_fields, **_compile_stats(assembled.model),
         "ulysses_exchange": cfg.model_parallel.ulysses_exchange if assembled.sp_size > 1 else None,
         "world_size": topo.world_size, "dp": topo.dp_size, "sp": assembled.sp_size, "zero_stage": ds_config["zero_optimization"]["stage"],
         "offload_param": offloads_parameters(ds_config), "fuse_lora": cfg.model.fuse_lora,

@@ -150,6 +150,7 @@ def test_train_benchmark_runs_on_cpu(tmp_path):
     assert "gpu_s_per_iter" not in row  # so does --host_lead_ms
     assert {k: len(v) for k, v in row["alternate_times"].items()} == {"configured": 1, "before": 1}
     assert all(len(v) == 2 and all(x > 0 for x in v) for v in row["alternate_losses"].values())  # warm-up + measured
+    assert row["gc"] == "auto" and row["gc_ms_per_step_max_rank"] >= row["gc_ms_per_step"] >= 0 and len(row["gc_collections"]) == 3
     assert row["lora_fused_layers"] == [0, 20]  # the fused forward is back after alternating (ZeRO-3 here: PEFT's runs)
 
 
