@@ -70,6 +70,7 @@ def engine(args) -> None:
     from toolkit.parallel.engine import build_engine, gathered_parameters
     from toolkit.parallel.topology import init_distributed
     from toolkit.parallel.ulysses import apply_sequence_parallel
+    from toolkit.train.loop import forward_backward_step
 
     topo = init_distributed(args.sp)
     model = build_model(args.fresh)
@@ -86,7 +87,7 @@ def engine(args) -> None:
     params = [p for _, p in named]
     ds = {
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": topo.dp_size,
-        "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True, "bf16": {"enabled": False},
+        "zero_optimization": {"stage": args.zero}, "zero_allow_untested_optimizer": True, "bf16": {"enabled": False},
         "sequence_parallel_size": args.sp,
     }
     _, eng, _ = build_engine(model, torch.optim.SGD(params, lr=LR), ds, topo.device)
@@ -100,9 +101,7 @@ def engine(args) -> None:
     losses = []
     for step in range(args.steps):
         latent, text = batch(step, topo.dp_rank)
-        loss, _ = training_loss(eng, latent, text, cfg, generator(step, topo.dp_rank), split)
-        eng.backward(loss)
-        eng.step()
+        loss = forward_backward_step(eng, latent, text, cfg, generator(step, topo.dp_rank), split)  # the trainer's own
         value = torch.tensor([loss.item()], dtype=torch.float64)
         dist.all_reduce(value)
         losses.append(value.item() / topo.world_size)
@@ -128,6 +127,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--compile", action="store_true", help="the elementwise functions through torch.compile")
+    parser.add_argument("--zero", type=int, default=3, choices=[2, 3], help="ZeRO stage (the 2B default JSON is stage 2)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -132,13 +132,27 @@ def _latents(session: Session, batch: dict) -> torch.Tensor:
         return session.vae.encode(batch["video"].to(device, non_blocking=True))
 
 
+def sequence_parallel_gradient_scale(engine) -> float:
+    """The factor on each rank's loss in backward that makes every ZeRO stage train on the full-sequence mean.
+
+    Each rank's loss is the mean over its own equal share of the tokens. ZeRO-3 averages gradients over every rank,
+    sequence-parallel ranks included, which is exactly that mean (deepspeed_notes trap 3). ZeRO stages 1 and 2
+    divide only by the number of data-parallel replicas, so the SP ranks' gradients are summed: sp times too large
+    (tests/distributed pin both against a single-process SGD run). Returns 1/sp there, else 1."""
+    sp = getattr(engine, "sequence_parallel_size", 1) or 1
+    stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 3
+    return 1.0 / sp if sp > 1 and stage < 3 else 1.0
+
+
 def forward_backward_step(engine, latent, text, objective, generator, split_fn) -> torch.Tensor | None:
     """One micro-batch: loss, the ranks' agreement that it is finite (the step's one host sync: skipping must be
-    decided before backward), backward and the engine step. Returns the detached loss, or None when skipped."""
+    decided before backward), backward (scaled for ZeRO-1/2 under SP, see sequence_parallel_gradient_scale) and the
+    engine step. Returns the detached (unscaled) loss, or None when skipped."""
     loss, _ = training_loss(engine, latent, text, objective, generator, split_fn)
     if not _all_finite(loss):
         return None
-    engine.backward(loss)
+    scale = sequence_parallel_gradient_scale(engine)
+    engine.backward(loss * scale if scale != 1.0 else loss)
     engine.step()
     return loss.detach()
 
