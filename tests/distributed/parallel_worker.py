@@ -59,6 +59,8 @@ def reference(args) -> None:
             loss, _ = training_loss(model, latent, text, cfg, generator(step, d))
             (loss / args.dp).backward()
             total += loss.item() / args.dp
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_(params, args.clip)
         optimizer.step()
         losses.append(total)
     torch.save({"losses": losses, "lora": {n: p.detach().clone() for n, p in lora_named_parameters(model)}}, args.out)
@@ -88,7 +90,7 @@ def engine(args) -> None:
     ds = {
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": topo.dp_size,
         "zero_optimization": {"stage": args.zero}, "zero_allow_untested_optimizer": True, "bf16": {"enabled": False},
-        "sequence_parallel_size": args.sp,
+        "sequence_parallel_size": args.sp, "gradient_clipping": args.clip,
     }
     _, eng, _ = build_engine(model, torch.optim.SGD(params, lr=LR), ds, topo.device)
     split = model.sequence_parallel.split if args.sp > 1 else None
@@ -126,6 +128,7 @@ def main() -> None:
     parser.add_argument("--sp", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--clip", type=float, default=0.0, help="gradient clipping (max global norm), 0 = off")
     parser.add_argument("--compile", action="store_true", help="the elementwise functions through torch.compile")
     parser.add_argument("--zero", type=int, default=3, choices=[2, 3], help="ZeRO stage (the 2B default JSON is stage 2)")
     parser.add_argument("--out", required=True)

@@ -42,6 +42,20 @@ def test_parallel_training_equals_plain_pytorch(references, tmp_path, nproc, sp,
     assert result["losses"][0] != result["losses"][-1]
 
 
+@pytest.mark.parametrize("zero", [2, 3])
+def test_gradient_clipping_under_sp_equals_plain_pytorch(tmp_path, zero):
+    """DeepSpeed's clipping (gradient_clipping) at SP=2 against torch's clip_grad_norm_ in one process, with a max
+    norm small enough that every step clips: the global norm is taken over the right gradients, once."""
+    ref, out = tmp_path / "ref.pt", tmp_path / "engine.pt"
+    run([WORKER, "reference", "--clip", "0.05", "--out", str(ref)], nproc=0)
+    run([WORKER, "engine", "--sp", "2", "--zero", str(zero), "--clip", "0.05", "--out", str(out)], nproc=2)
+    reference = torch.load(ref)
+    _compare(reference, torch.load(out))
+    run([WORKER, "reference", "--out", str(tmp_path / "unclipped.pt")], nproc=0)
+    unclipped = torch.load(tmp_path / "unclipped.pt")
+    assert abs(unclipped["losses"][-1] - reference["losses"][-1]) > 1e-4  # clipping changed the run
+
+
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile on CPU needs a C compiler")
 def test_compiled_elementwise_under_sp_and_zero3_equals_plain_pytorch(references, tmp_path):
     """torch.compile of the norms / RoPE / modulation inside Ulysses + ZeRO-3 (2 processes) still equals the eager
