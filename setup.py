@@ -18,8 +18,9 @@ setup(
     packages=find_packages(include=["toolkit", "toolkit.*", "data_tools", "data_tools.*"]),
     install_requires=requirements,
     # FlashAttention-4 for training and generation on Hopper (docs/performance.md): pip install -e ".[fa4]" (CUDA 13
-    # torch builds); training calls its private kernels' functions, checked against 4.0.0b36 (toolkit/model/fa4_op.py)
-    extras_require={"fa4": ["flash-attn-4>=4.0.0b36", "nvidia-cutlass-dsl[cu13]>=4.8"]},
+    # torch builds); training calls its private kernels' functions, pinned to the 4.0.0b36 they were checked and measured
+    # with (toolkit/model/fa4_op.py refuses other signatures)
+    extras_require={"fa4": ["flash-attn-4==4.0.0b36", "nvidia-cutlass-dsl[cu13]>=4.8"]},
     entry_points={
         "console_scripts": [
             "cosmos-inspect=toolkit.inspect:main",

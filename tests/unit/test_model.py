@@ -120,7 +120,7 @@ def test_fa4_errors_name_the_fix(monkeypatch):
     with pytest.raises(RuntimeError, match="needs a Hopper or Blackwell GPU"):
         SDPAttention("fa4")(q, q, q)
     monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # an import of it fails
-    with pytest.raises(RuntimeError, match=r"pip install flash-attn-4 'nvidia-cutlass-dsl\[cu13\]'"):
+    with pytest.raises(RuntimeError, match=r"pip install flash-attn-4==4\.0\.0b36 'nvidia-cutlass-dsl\[cu13\]'"):
         fa4_attention()
 
 

@@ -5,7 +5,7 @@ Layout contract (what sequence parallelism plugs into): `q_B_S_H_D`, `k_B_S_H_D`
 faster than the default flash kernel at our shapes (`reference/performance_notes.md`), so `auto` tries
 cuDNN first and falls back, and the backend that actually ran is recorded in `backend_used`.
 
-FlashAttention-4 (`flash_attn.cute`, an optional install: `pip install flash-attn-4 'nvidia-cutlass-dsl[cu13]'`)
+FlashAttention-4 (`flash_attn.cute`, an optional install: `pip install -e ".[fa4]"`, which pins the measured 4.0.0b36)
 is faster again on an H100: forward 695 against cuDNN's 636 TFLOP/s at the 2B's 720p shape, forward+backward 642
 against 590, the same machine (`benchmarks/attention_kernels.py`, docs/performance.md). `auto` uses it on Hopper
 when it is installed, and falls back to cuDNN, with a warning, if it fails; `fa4` asks for it alone. Inference calls
@@ -129,10 +129,9 @@ def fa4_attention():
     try:
         from flash_attn.cute import flash_attn_func
     except ImportError as error:
-        raise RuntimeError(
-            f"attention backend 'fa4' needs FlashAttention-4 ({error}): pip install flash-attn-4 "
-            "'nvidia-cutlass-dsl[cu13]' (CUDA 13 builds of torch; plain nvidia-cutlass-dsl for CUDA 12), or use auto"
-        ) from error
+        from toolkit.model.fa4_op import INSTALL
+
+        raise RuntimeError(f"attention backend 'fa4' needs FlashAttention-4 ({error}): {INSTALL}, or use auto") from error
     return flash_attn_func
 
 

@@ -24,6 +24,9 @@ import torch
 
 LIBRARY = "cosmos_toolkit"
 MEASURED_VERSION = "4.0.0b36"
+INSTALL = (f"pip install flash-attn-4=={MEASURED_VERSION} 'nvidia-cutlass-dsl[cu13]' (CUDA 13 builds of torch; plain "
+           "nvidia-cutlass-dsl for CUDA 12)")
+"""The one install command every FA4 error names: the version training through FA4 was built and measured with."""
 _BACKWARD_ARGUMENTS = ["q", "k", "v", "out", "dout", "lse"]
 
 
@@ -34,8 +37,7 @@ def check_interface() -> None:
     try:
         from flash_attn.cute import interface
     except ImportError as error:
-        raise RuntimeError(f"FlashAttention-4 is not installed ({error}): pip install flash-attn-4=={MEASURED_VERSION} "
-                           "'nvidia-cutlass-dsl[cu13]'") from error
+        raise RuntimeError(f"FlashAttention-4 is not installed ({error}): {INSTALL}") from error
     forward = inspect.signature(interface._flash_attn_fwd).parameters if hasattr(interface, "_flash_attn_fwd") else {}
     backward = list(inspect.signature(interface._flash_attn_bwd).parameters)[:6] if hasattr(interface, "_flash_attn_bwd") else []
     if list(forward)[:3] != ["q", "k", "v"] or "return_lse" not in forward or backward != _BACKWARD_ARGUMENTS:
