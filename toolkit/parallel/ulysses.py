@@ -14,8 +14,9 @@ Two exchanges do the swap (`model_parallel.ulysses_exchange`):
 Both give the same numbers (tests/distributed compare them); `fused` sends fewer, larger messages and copies less.
 
 The network output stays sharded (`gather_output=False`, training): each rank's loss is the mean over its own
-tokens, which is what ZeRO's gradient averaging over all ranks expects (deepspeed_notes trap 3). Generation
-gathers the output on every rank (`gather_output=True`).
+tokens, which is what ZeRO-3's gradient averaging over all ranks expects (deepspeed_notes trap 3); ZeRO stages 1-2
+sum the SP ranks' gradients instead, which the trainer offsets (`toolkit/train/loop.py`,
+`sequence_parallel_gradient_scale`). Generation gathers the output on every rank (`gather_output=True`).
 """
 
 from __future__ import annotations
