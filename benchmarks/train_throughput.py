@@ -251,7 +251,6 @@ def run_lora(args) -> dict:
         gc.freeze()
         gc.disable()
 
-
     def clocked_step(i: int) -> float:  # the GC clock runs during the measured steps only
         clock.active = i >= args.warmup
         return step(i)
@@ -259,11 +258,11 @@ def run_lora(args) -> dict:
     times, losses = _time_steps(clocked_step, args.warmup, args.steps, topo.device)
     clock.active = False
     gc_fields = _gc_fields(clock, args.steps, args.gc == "manual")
-    lead = _host_lead(step, args.host_lead_ms, args.steps, topo.device)
+    extra = _host_lead(step, args.host_lead_ms, args.steps, topo.device)
     if args.alternate:
-        lead.update(_alternate(step, assembled.model, args.steps, topo.device))
+        extra.update(_alternate(step, assembled.model, args.steps, topo.device))
     profiled = profile_call(lambda: step(args.warmup + args.steps), topo.device) if args.profile else {}
-    return {**profiled, **lead, **gc_fields, **_compile_stats(assembled.model),
+    return {**profiled, **extra, **gc_fields, **_compile_stats(assembled.model),
         "ulysses_exchange": cfg.model_parallel.ulysses_exchange if assembled.sp_size > 1 else None,
         "world_size": topo.world_size, "dp": topo.dp_size, "sp": assembled.sp_size, "zero_stage": ds_config["zero_optimization"]["stage"],
         "offload_param": offloads_parameters(ds_config), "fuse_lora": cfg.model.fuse_lora,

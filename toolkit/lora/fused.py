@@ -68,10 +68,14 @@ def fuse_lora_linears(model: nn.Module) -> int:
     return count
 
 
+def _has_fused_forward(module: nn.Module) -> bool:
+    return getattr(vars(module).get("forward"), "__func__", None) is fused_lora_forward
+
+
 def fused_layer_count(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
     """(LoRA Linears that would take the fused path for `dtype` inputs, LoRA Linears with the fused forward): a
     fallback that silently costs the speed (say LoRA weights left in float32 under bf16) shows as a gap."""
-    fused = [m for m in model.modules() if getattr(vars(m).get("forward"), "__func__", None) is fused_lora_forward]
+    fused = [m for m in model.modules() if _has_fused_forward(m)]
     probe = torch.empty(0, dtype=dtype)
     return sum(_fused_applies(m, probe, (), {}) is not None for m in fused), len(fused)
 
@@ -79,5 +83,5 @@ def fused_layer_count(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
 def unfuse_lora_linears(model: nn.Module) -> None:
     """Back to PEFT's forward (removes the instance attribute)."""
     for module in model.modules():
-        if "forward" in vars(module) and getattr(module.forward, "__func__", None) is fused_lora_forward:
+        if _has_fused_forward(module):
             del module.forward

@@ -70,6 +70,13 @@ class UlyssesSequence:
         return _GatherTime.apply(x, dim, self.group)
 
 
+def _all_to_all_dim0(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
 class _ExchangeDim0(torch.autograd.Function):
     """Differentiable all-to-all over dim 0 (size = the group size): block i goes to rank i; the backward is the same
     exchange of the gradient."""
@@ -77,17 +84,11 @@ class _ExchangeDim0(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        dist.all_to_all_single(out, x, group=group)
-        return out
+        return _all_to_all_dim0(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        out = torch.empty_like(grad)
-        dist.all_to_all_single(out, grad, group=ctx.group)
-        return out, None
+        return _all_to_all_dim0(grad, ctx.group), None
 
 
 def fused_ulysses_attention(attention_fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group) -> torch.Tensor:
@@ -100,10 +101,7 @@ def fused_ulysses_attention(attention_fn, q: torch.Tensor, k: torch.Tensor, v: t
     # [P, B, S/P, 3, H/P, D]: one copy, already in the layout the all-to-all sends
     send = torch.stack([t.view(b, s, size, hp, d).permute(2, 0, 1, 3, 4) for t in (q, k, v)], dim=3)
     recv = _ExchangeDim0.apply(send, group)  # [P (sequence chunk), B, S/P, 3, H/P, D]
-    if b == 1:
-        full = recv.view(1, size * s, 3, hp, d)
-    else:
-        full = recv.permute(1, 0, 2, 3, 4, 5).reshape(b, size * s, 3, hp, d)
+    full = recv.transpose(0, 1).reshape(b, size * s, 3, hp, d)  # a view (no copy) for B = 1
     out = attention_fn(*full.unbind(2))  # [B, S, H/P, D]
     back = out.reshape(b, size, s, hp, d).transpose(0, 1)  # [P (sequence chunk), B, S/P, H/P, D]; a view for B = 1
     back = _ExchangeDim0.apply(back, group)  # [P (head group), B, S/P, H/P, D]
