@@ -50,6 +50,7 @@ def main() -> None:
     if rank == 0:
         torch.save(result, args.out)
     dist.barrier()
+    dist.destroy_process_group()  # gloo groups left alive can abort the process at interpreter shutdown
 
 
 if __name__ == "__main__":

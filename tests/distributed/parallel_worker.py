@@ -70,7 +70,7 @@ def engine(args) -> None:
     import torch.distributed as dist
 
     from toolkit.parallel.engine import build_engine, gathered_parameters
-    from toolkit.parallel.topology import init_distributed
+    from toolkit.parallel.topology import init_distributed, shutdown_distributed
     from toolkit.parallel.ulysses import apply_sequence_parallel
     from toolkit.train.loop import forward_backward_step
 
@@ -112,6 +112,10 @@ def engine(args) -> None:
     if topo.rank == 0:
         compiled = elementwise_of(model).describe() if args.compile else "none"
         torch.save({"losses": losses, "lora": lora, "identity_error": identity_error, "compile": compiled}, args.out)
+    # As the trainer does: a process that exits with its gloo groups alive aborted now and then at interpreter
+    # shutdown under ZeRO-2 ("terminate called without an active exception", after rank 0 had saved).
+    dist.barrier()
+    shutdown_distributed()
 
 
 def build_dit_reference_output(latent, text):
