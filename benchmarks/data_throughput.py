@@ -40,6 +40,7 @@ import torch
 from toolkit.data.format import FORMAT_VERSION, SHARD_PATTERN, LatentSpec, Manifest, SampleRecord, ShardInfo
 from toolkit.data.loader import LoaderSpec, build_train_stream
 from toolkit.data.video import probe_video
+from toolkit.encoders.latent_grid import latent_shape
 
 RESOLUTIONS = {"720": (704, 1280), "480": (432, 768)}
 CLIP_NAMES = ("bigbuckbunny", "bikes")  # the sample clips with more than 93 frames at a useful size
@@ -117,7 +118,7 @@ def write_benchmark_folder(
 ) -> str:
     """A shard folder of `num_samples` looped clips with latents stored for (video_size, num_frames, stretch)."""
     folder.mkdir(parents=True, exist_ok=True)
-    latent_shape = (16, 1 + (num_frames - 1) // 4, video_size[0] // 8, video_size[1] // 8)
+    shape = latent_shape(num_frames, *video_size)
     per_shard = 4
     infos = []
     for shard, first in enumerate(range(0, num_samples, per_shard)):
@@ -126,7 +127,7 @@ def write_benchmark_folder(
         with tarfile.open(folder / name, "w") as archive:
             for index in indices:
                 clip = clips[index % len(clips)]
-                for member, data in _sample_members(f"s00_{clip.stem}_{index:04d}", clip, index, latent_shape):
+                for member, data in _sample_members(f"s00_{clip.stem}_{index:04d}", clip, index, shape):
                     _add_member(archive, member, data)
         infos.append(ShardInfo(name=name, num_samples=len(indices), sha256="", num_bytes=(folder / name).stat().st_size))
     Manifest(

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.report import card_suffix, machine_fields
+from toolkit.encoders.latent_grid import latent_shape
 from toolkit.experiments import VIDEO_SIZES
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,7 +40,7 @@ def _tokens(size: str, resolution: str, frames: int) -> tuple[int, int, int, int
 
     config = resolve_dit_config(size)
     h, w = VIDEO_SIZES[resolution][0]
-    tokens = num_tokens(config, 1 + (frames - 1) // 4, h // 8, w // 8)
+    tokens = num_tokens(config, *latent_shape(frames, h, w)[1:])
     return tokens, config.num_heads, config.head_dim, config.num_blocks
 
 

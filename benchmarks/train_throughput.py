@@ -28,6 +28,7 @@ import torch
 
 from benchmarks.profiling import describe_profile, profile_call, timed
 from benchmarks.report import card_suffix, machine_fields
+from toolkit.encoders.latent_grid import latent_shape
 from toolkit.experiments import VIDEO_SIZES
 from toolkit.model.fused import COMPILE_MODES
 
@@ -74,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 def _latent_shape(args) -> tuple[int, int, int, int]:
     h, w = (64, 96) if args.size == "tiny" else VIDEO_SIZES[args.resolution][0]
     frames = 9 if args.size == "tiny" else args.num_frames
-    return 16, 1 + (frames - 1) // 4, h // 8, w // 8
+    return latent_shape(frames, h, w)
 
 
 def _batch(shape, device, seed: int = 0):

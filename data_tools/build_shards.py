@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import signal
@@ -49,6 +50,7 @@ from data_tools.scan import (
 from toolkit.data import format as shard_format
 from toolkit.data.format import LatentSpec, Manifest, SampleRecord, ShardInfo
 from toolkit.data.video import decode_frames
+from toolkit.encoders.latent_grid import latent_shape
 
 RESOLUTIONS = {"480": (432, 768), "720": (704, 1280)}
 """(height, width) of the 16:9 sizes of upstream's resolution table."""
@@ -180,8 +182,7 @@ def _estimated_bytes(result: Scanned, source: T5Source, args: argparse.Namespace
     size = result.num_video_bytes + len(result.prompt.encode()) + num_tokens * 2048 + 5 * 512 + 1024
     if args.latents:
         windows = len(window_starts(result.info.num_frames, args.num_frames, args.windows))
-        height, width = args.video_size
-        size += windows * 16 * (1 + (args.num_frames - 1) // 4) * (height // 8) * (width // 8) * 2
+        size += windows * math.prod(latent_shape(args.num_frames, *args.video_size)) * 2
     return size
 
 

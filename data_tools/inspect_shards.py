@@ -30,6 +30,7 @@ from data_tools.scan import sha256_file
 from toolkit.data import format as shard_format
 from toolkit.data.format import Manifest, SampleRecord, ShardInfo
 from toolkit.data.video import VideoError, decode_frames, probe_video
+from toolkit.encoders.latent_grid import latent_shape
 
 REQUIRED_FIELDS = (
     shard_format.FIELD_VIDEO,
@@ -80,8 +81,7 @@ def _check_latents(label: str, data: bytes, record: SampleRecord, spec) -> list[
     latents, starts = header.get("latents"), header.get("window_starts")
     if latents is None or starts is None:
         return [f"{label}: latents member lacks `latents` or `window_starts`"]
-    height, width = spec.video_size
-    expected = [len(record.latent_windows), 16, 1 + (spec.num_frames - 1) // 4, height // 8, width // 8]
+    expected = [len(record.latent_windows), *latent_shape(spec.num_frames, *spec.video_size)]
     problems = []
     if latents["dtype"] != "BF16" or latents["shape"] != expected:
         problems.append(f"{label}: latents {latents['dtype']} {latents['shape']}, expected BF16 {expected}")

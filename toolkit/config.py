@@ -107,8 +107,9 @@ class RunConfig:
 
     def latent_shape(self) -> tuple[int, int, int, int]:
         """(C, T, H, W) of one sample's Wan2.1 latent: 16 channels, 1 + (frames-1)//4 frames, pixels / 8."""
-        height, width = self.dataloader_train.dataset.video_size
-        return (16, 1 + (self.model.num_frames - 1) // 4, height // 8, width // 8)
+        from toolkit.encoders.latent_grid import latent_shape
+
+        return latent_shape(self.model.num_frames, *self.dataloader_train.dataset.video_size)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration, nested by upstream key path, plain YAML/JSON types."""
@@ -367,13 +368,14 @@ def _cross_section_problems(cfg: RunConfig) -> list[tuple[str, str]]:
     if dataset.num_frames != model.num_frames:
         found.append(("dataloader_train.dataset.num_frames", f"must equal model.config.num_frames={model.num_frames} "
                                                              "(or be left empty)"))
-    heads, latent_frames = preset.num_heads, cfg.latent_shape()[1]
-    size = cfg.model_parallel.context_parallel_size
-    if size >= 1 and latent_frames >= 1 and (heads % size or latent_frames % size):
+    heads, size = preset.num_heads, cfg.model_parallel.context_parallel_size
+    valid_frames = model.num_frames >= 1 and (model.num_frames - 1) % 4 == 0  # else reported with num_frames
+    latent_frames = cfg.latent_shape()[1] if valid_frames else 0
+    if size >= 1 and (heads % size or (latent_frames and latent_frames % size)):
         allowed = [n for n in range(1, heads + 1) if heads % n == 0 and latent_frames % n == 0]
+        frames = f" and the {latent_frames} latent frames (num_frames={model.num_frames})" if latent_frames else ""
         found.append(("model_parallel.context_parallel_size", f"must divide the {heads} attention heads of "
-                      f"{model.model_size} and the {latent_frames} latent frames (num_frames={model.num_frames}); "
-                      f"allowed: {', '.join(map(str, allowed))}"))
+                      f"{model.model_size}{frames}; allowed: {', '.join(map(str, allowed))}"))
     total = sum(cfg.scheduler.cycle_lengths)
     if cfg.scheduler.type == "lambdalinear" and cfg.trainer.max_iter > total:
         found.append(("trainer.max_iter", f"exceeds the sum of scheduler.cycle_lengths ({total}), after which the "

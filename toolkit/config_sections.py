@@ -15,6 +15,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Callable, Literal
 
 from toolkit.diffusion.schedule import ObjectiveConfig
+from toolkit.encoders.latent_grid import num_latent_frames
 from toolkit.experiments import ATTENTION_TARGETS, MLP_TARGETS, LORA_TARGET_PRESETS, expand_lora_targets
 from toolkit.model.presets import PRESETS
 
@@ -183,12 +184,12 @@ class ModelConfig:
         return found
 
     def _frame_problems(self) -> list[tuple[str, str]]:
-        latent_frames = 1 + (self.num_frames - 1) // 4
         max_frames = PRESETS[self.model_size].max_frames
         if self.num_frames < 1:
             return []
         if (self.num_frames - 1) % 4:
             return [("num_frames", "must be 4k+1 (the VAE codes frame 0 alone, then groups of 4), e.g. 93 or 61")]
+        latent_frames = num_latent_frames(self.num_frames)
         if latent_frames > max_frames:
             return [("num_frames", f"at most {4 * (max_frames - 1) + 1} ({max_frames} latent frames, the RoPE table)")]
         conditional = self.objective.max_num_conditional_frames

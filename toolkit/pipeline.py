@@ -25,7 +25,7 @@ from toolkit.data.video import IMAGE_SUFFIXES, VideoError, cover_crop_size, deco
 from toolkit.diffusion.conditioning import condition_mask
 from toolkit.diffusion.sampler import guided_denoise_fn, initial_noise, sample
 from toolkit.diffusion.schedule import ObjectiveConfig, SamplerConfig
-from toolkit.encoders.wan_vae import PIXEL_SIZE_MULTIPLE, num_latent_frames
+from toolkit.encoders.latent_grid import PIXEL_SIZE_MULTIPLE, num_latent_frames
 
 # Upstream VIDEO_RES_SIZE_INFO as (height, width); facts section 5 lists them as W x H.
 RESOLUTIONS: dict[str, dict[str, tuple[int, int]]] = {

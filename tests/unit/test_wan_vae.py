@@ -20,6 +20,7 @@ from toolkit.encoders.wan_vae import (
     num_latent_frames,
     num_pixel_frames,
 )
+from toolkit.encoders.latent_grid import latent_shape
 from toolkit.encoders.wan_vae_keys import diffusers_to_wan_key, infer_wan_config, wan_to_diffusers_key
 
 TINY_CONFIG = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1}
@@ -115,6 +116,10 @@ def test_frame_arithmetic():
             num_latent_frames(bad)
     with pytest.raises(ValueError, match="num_latent=0"):
         num_pixel_frames(0)
+    # one clip's latent grid, as the config, the shard format, the data tools and the benchmarks size it
+    assert latent_shape(93, 704, 1280) == (16, 24, 88, 160) and latent_shape(61, 480, 832) == (16, 16, 60, 104)
+    with pytest.raises(ValueError, match="num_frames=92"):
+        latent_shape(92, 704, 1280)
 
 
 def test_tiny_encode_decode_frame_counts():
@@ -124,6 +129,7 @@ def test_tiny_encode_decode_frame_counts():
     for num_frames, expected_latent_frames in ((1, 1), (5, 2), (9, 3)):
         latent = vae.encode(video[:, :, :num_frames])
         assert latent.shape == (1, 16, expected_latent_frames, 2, 4) and latent.dtype == torch.float32
+        assert latent.shape[1:] == latent_shape(num_frames, *video.shape[3:])  # the formula config and shards use
         latents[num_frames] = latent
     # causal: a prefix of the clip encodes to a prefix of the latents (frame 0 alone, then groups of 4)
     torch.testing.assert_close(latents[9][:, :, :2], latents[5], rtol=1e-5, atol=1e-5)

@@ -37,9 +37,9 @@ from toolkit.data.format import (
     Manifest,
     SampleRecord,
 )
+from toolkit.encoders.latent_grid import LATENT_CHANNELS, latent_shape
 
 T5_WIDTH = 1024
-LATENT_CHANNELS = 16
 PATH_DECODE = "decode"
 PATH_LATENTS = "latents"
 
@@ -260,8 +260,7 @@ class SampleRequest:
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
         """[16, t, h, w] of one Wan2.1 latent window: 4x in time (first frame alone), 8x in space."""
-        height, width = self.video_size
-        return (LATENT_CHANNELS, 1 + (self.num_frames - 1) // 4, height // 8, width // 8)
+        return latent_shape(self.num_frames, *self.video_size)
 
     @property
     def fields(self) -> tuple[str, ...]:

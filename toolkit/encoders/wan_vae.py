@@ -32,6 +32,12 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLWan
 
+from toolkit.encoders.latent_grid import (  # noqa: F401  (re-exported)
+    LATENT_CHANNELS,
+    PIXEL_SIZE_MULTIPLE,
+    num_latent_frames,
+    num_pixel_frames,
+)
 from toolkit.encoders.wan_vae_keys import (
     diffusers_to_wan_key,
     extract_state_dict,
@@ -48,32 +54,9 @@ LATENT_STD: tuple[float, ...] = (
     2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )  # fmt: skip
-LATENT_CHANNELS = 16
-TEMPORAL_COMPRESSION = 4
-SPATIAL_COMPRESSION = 8
-# Pixel H and W must be multiples of this: 8x VAE downsampling times the DiT's 2x2 latent patches.
-PIXEL_SIZE_MULTIPLE = 16
 TINY_SEED = 0
 # Names the deterministic initialisation of the tiny model; change it whenever `_fill_deterministic` changes.
 TINY_INIT_SCHEME = "wan_vae_tiny_init_v1"
-
-
-def num_latent_frames(num_frames: int) -> int:
-    """Latent frames for `num_frames` pixel frames: 1 + (n - 1) / 4 (93 -> 24, 61 -> 16, 1 -> 1)."""
-    if num_frames < 1 or (num_frames - 1) % TEMPORAL_COMPRESSION != 0:
-        lower = 1 + TEMPORAL_COMPRESSION * max((num_frames - 1) // TEMPORAL_COMPRESSION, 0)
-        raise ValueError(
-            f"num_frames={num_frames}: the Wan2.1 VAE needs 1 + 4k pixel frames (first frame alone, then groups "
-            f"of 4), e.g. {lower} or {lower + TEMPORAL_COMPRESSION}; Cosmos uses 93 (16 fps) or 61 (10 fps)."
-        )
-    return 1 + (num_frames - 1) // TEMPORAL_COMPRESSION
-
-
-def num_pixel_frames(num_latent: int) -> int:
-    """Pixel frames decoded from `num_latent` latent frames: 1 + 4 (t - 1) (24 -> 93, 16 -> 61)."""
-    if num_latent < 1:
-        raise ValueError(f"num_latent={num_latent}: a clip has at least 1 latent frame.")
-    return 1 + TEMPORAL_COMPRESSION * (num_latent - 1)
 
 
 def check_video_shape(shape: tuple[int, ...] | torch.Size) -> None:
