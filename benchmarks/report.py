@@ -176,6 +176,20 @@ def exchange_table(files: list[dict]) -> list[str]:
     return lines
 
 
+def host_table(files: list[dict]) -> list[str]:
+    """benchmarks/host_overhead.py's rows: the host's milliseconds per block of a LoRA forward+backward, by compile mode."""
+    header = ("| device | host CPU | threads | compile | checkpointing | ms/step at few, many blocks | ms per block "
+              "| aten calls per block | x 28 blocks (2B step) ms |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for f in files:
+        for r in f["rows"]:
+            few, many = r["blocks"]
+            lines.append(f"| {card(f.get('gpu'))} | {f.get('host_cpu', '-')} | {f['host_threads']} | {r['compile']} | {r['policy']} "
+                         f"| {r['step_ms'][0]:.2f} ({few}), {r['step_ms'][1]:.2f} ({many}) | {r['ms_per_block']:.2f} "
+                         f"| {r['aten_calls_per_block']:.0f} | {r['ms_per_2b_step']:.0f} |")
+    return lines
+
+
 def lead_table(rows: list[dict]) -> list[str]:
     """Training rows measured with --host_lead_ms or --alternate: the GPU's own step time, and the configured step
     against the one before the fused exchange and LoRA forward, alternating in one process."""
@@ -214,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     exchanges = _rows("sequence_exchange")
     if exchanges:
         body += ["", "### The Ulysses exchange alone (`benchmarks.sequence_exchange`, bf16, batch 1)", ""] + exchange_table(exchanges)
+    hosts = _rows("host_overhead")
+    if hosts:
+        body += ["", "### The host's cost per block (`benchmarks.host_overhead`: tiny widths, so compute is negligible)", ""]
+        body += host_table(hosts)
     body += ["", "### Generation", ""]
     body += generate_table(generate)
     if kernels:

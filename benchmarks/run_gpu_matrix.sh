@@ -7,7 +7,8 @@
 #   SETS="compile rows2b" bash benchmarks/run_gpu_matrix.sh # only some sets: compile attention generate generate14b rows2b
 #                                                           # gen14b rows14b more14b zero3 lora_generate, and with
 #                                                           # FlashAttention-4 installed fa4train fa4train14b;
-#                                                           # sp480 (the Ulysses exchange), lorafuse (LoRA forward);
+#                                                           # sp480 (the Ulysses exchange), lorafuse (LoRA forward),
+#                                                           # host (the host's cost per block, eager vs compiled);
 #                                                           # MIN_GPUS=2 skips 1-GPU rows
 #
 # Checks inside: SP=2/4 first-step loss equals SP=1 (the `first loss` column), LoRA generation on 1 and 2 GPUs gives
@@ -117,6 +118,14 @@ if [ "$GPUS" -ge 4 ]; then
   runbg lorafuse 4 300 p480 env CUDA_VISIBLE_DEVICES=3 python3 $TT $S2B --checkpointing selective --resolution 480 --steps 5 --fuse_lora false --tag replicated_base_${AB}_peft
   finish
 fi
+# host: the host's cost per block by compile mode (benchmarks.host_overhead on the GPU's host), then the 2B at 480p
+# and SP=4 eager against its default (compiled elementwise maths) in two rounds, since its steps drift from run to run;
+# on CPU the compiled elementwise functions cost the host more per block than eager (results/host_overhead_cpu.json).
+run host 1 200 $ONE python3 -m benchmarks.host_overhead --device cuda
+for round in 1 2; do
+  run host 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 480 --sp 4 --checkpointing auto --steps 8 --host_lead_ms 1200 --compile none --tag replicated_base_${AB}_eager_$round
+  run host 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 480 --sp 4 --checkpointing auto --steps 8 --host_lead_ms 1200 --tag replicated_base_${AB}_elementwise_$round
+done
 # rows2b: 2B at 480p and 720p on 1, 2, 4 GPUs (default JSON); a whole 720p video on 2 GPUs
 run compile 1 150 $ONE python3 $TT --mode diffusers --size 2B --resolution 720 --steps 1
 run rows2b 1 120 $ONE python3 $TT --size 2B --resolution 480 --checkpointing auto --steps 3 $R2B

@@ -208,3 +208,20 @@ def test_attention_kernel_filters(tmp_path, capsys):
         with pytest.raises(SystemExit):
             attention_kernels.main(["--shapes", "tiny", flag, value, "--out", str(out)])
         assert message in capsys.readouterr().err
+
+
+def test_host_overhead_benchmark_runs_on_cpu(tmp_path, capsys):
+    from benchmarks import host_overhead
+
+    out = tmp_path / "host.json"
+    host_overhead.main(["--modes", "none", "--blocks", "1", "3", "--steps", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert result["device"] == "cpu" and row["compile"] == "none" and row["blocks"] == [1, 3]
+    assert row["lora_fused_layers"] == [10, 30]  # every LoRA Linear (self, cross, MLP) takes the fused forward
+    assert row["ms_per_block"] == pytest.approx((row["step_ms"][1] - row["step_ms"][0]) / 2)
+    assert row["ms_per_2b_step"] == pytest.approx(28 * row["ms_per_block"])
+    assert row["aten_calls_per_block"] > 100 and row["aten_calls_per_block"] == int(row["aten_calls_per_block"])
+    assert "| none |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--blocks 3 1"):
+        host_overhead.main(["--modes", "none", "--blocks", "3", "1", "--out", str(out)])
