@@ -54,9 +54,7 @@ def _model(num_blocks: int, mode: str, policy: str, device: torch.device):
 
     torch.manual_seed(0)
     model = build_dit(dataclasses.replace(resolve_dit_config("tiny"), num_blocks=num_blocks)).to(device)
-    apply_lora(model, 4, 4, TARGETS)
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
+    apply_lora(model, 4, 4, TARGETS)  # freezes the base: only the LoRA weights get gradients
     fused = fuse_lora_linears(model)
     apply_activation_checkpointing(model, policy)
     apply_compile(model, mode, device)

@@ -369,8 +369,10 @@ def _cross_section_problems(cfg: RunConfig) -> list[tuple[str, str]]:
         found.append(("dataloader_train.dataset.num_frames", f"must equal model.config.num_frames={model.num_frames} "
                                                              "(or be left empty)"))
     heads, size = preset.num_heads, cfg.model_parallel.context_parallel_size
-    valid_frames = model.num_frames >= 1 and (model.num_frames - 1) % 4 == 0  # else reported with num_frames
-    latent_frames = cfg.latent_shape()[1] if valid_frames else 0
+    try:
+        latent_frames = cfg.latent_shape()[1]
+    except ValueError:  # not 1 + 4k frames: reported with model.config.num_frames
+        latent_frames = 0
     if size >= 1 and (heads % size or (latent_frames and latent_frames % size)):
         allowed = [n for n in range(1, heads + 1) if heads % n == 0 and latent_frames % n == 0]
         frames = f" and the {latent_frames} latent frames (num_frames={model.num_frames})" if latent_frames else ""
