@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from toolkit.diffusion.schedule import SamplerConfig
     from toolkit.encoders.wan_vae import WanVAE
     from toolkit.model import build_dit
-    from toolkit.model.fused import apply_compile, elementwise_of
+    from toolkit.model.fused import apply_compile, describe_compile
     from toolkit.parallel.topology import init_distributed
     from toolkit.parallel.ulysses import apply_sequence_parallel
     from toolkit.pipeline import Video2WorldPipeline, clip_to_video, encode_condition
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "latent": [C, T, H, W], "seconds_per_guided_step": step, "step_times": step_times, **vae_row,
         "vae_encode_frames": 1,
         "video_s_extrapolated": vae_row["vae_encode_s"] + 36 * step + vae_row["vae_decode_s"], **full, **profiled,
-        "attention_backend": model.attention.backend_used, "compile": elementwise_of(model).describe(),
+        "attention_backend": model.attention.backend_used, "compile": describe_compile(model),
     }
     if device.type == "cuda":
         row["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

@@ -49,7 +49,7 @@ def _model(num_blocks: int, mode: str, policy: str, device: torch.device):
     from toolkit.lora.apply import apply_lora
     from toolkit.lora.fused import fuse_lora_linears
     from toolkit.model import build_dit, resolve_dit_config
-    from toolkit.model.fused import apply_compile, elementwise_of
+    from toolkit.model.fused import apply_compile, describe_compile
     from toolkit.parallel.checkpointing import apply_activation_checkpointing
 
     torch.manual_seed(0)
@@ -58,7 +58,7 @@ def _model(num_blocks: int, mode: str, policy: str, device: torch.device):
     fused = fuse_lora_linears(model)
     apply_activation_checkpointing(model, policy)
     apply_compile(model, mode, device)
-    return model, elementwise_of(model).describe(), fused
+    return model, describe_compile(model), fused
 
 
 def _step_fn(model, device: torch.device):

@@ -9,6 +9,7 @@
 #                                                           # FlashAttention-4 installed fa4train fa4train14b;
 #                                                           # sp480 (the Ulysses exchange), lorafuse (LoRA forward),
 #                                                           # host (the host's cost per block, eager vs compiled);
+#                                                           # blockc (compile=block; only when named);
 #                                                           # MIN_GPUS=2 skips 1-GPU rows
 #
 # Checks inside: SP=2/4 first-step loss equals SP=1 (the `first loss` column), LoRA generation on 1 and 2 GPUs gives
@@ -126,6 +127,24 @@ for round in 1 2; do
   run host 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 480 --sp 4 --checkpointing auto --steps 8 --host_lead_ms 1200 --compile none --tag replicated_base_${AB}_eager_$round
   run host 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 480 --sp 4 --checkpointing auto --steps 8 --host_lead_ms 1200 --tag replicated_base_${AB}_elementwise_$round
 done
+# blockc: model.config.compile=block (each whole block through torch.compile; experimental) against elementwise: the
+# 1-GPU 720p pair side by side, then 2B 480p SP=4 in two rounds (its steps drift from run to run), 2B 720p SP=4, and
+# the 14B 720p SP=4 with the replicated base. Not in `all`: name it.
+if [[ " $SETS " == *" blockc "* ]]; then
+  AB=$([ "$FA4" = 1 ] && echo fa4 || echo cudnn)
+  S2B="--size 2B --ds_config ds_configs/2b_replicated_base.json --attention_backend $AB"
+  if [ "$GPUS" -ge 2 ]; then
+    runbg blockc 2 400 b720 env CUDA_VISIBLE_DEVICES=0 python3 $TT $S2B --checkpointing selective --resolution 720 --steps 3 --compile block --tag replicated_base_${AB}_block
+    runbg blockc 2 400 e720 env CUDA_VISIBLE_DEVICES=1 python3 $TT $S2B --checkpointing selective --resolution 720 --steps 3 --tag replicated_base_${AB}_elementwise
+    finish
+  fi
+  for round in 1 2; do
+    run blockc 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 480 --sp 4 --checkpointing auto --steps 8 --host_lead_ms 1200 --compile block --tag replicated_base_${AB}_block_$round
+    run blockc 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 480 --sp 4 --checkpointing auto --steps 8 --host_lead_ms 1200 --tag replicated_base_${AB}_elementwise_$round
+  done
+  run blockc 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 720 --sp 4 --checkpointing auto --steps 3 --compile block --tag replicated_base_${AB}_block
+  run blockc 4 300 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2 --ds_config ds_configs/14b_replicated_base.json --attention_backend $AB --compile block --tag replicated_base_${AB}_block
+fi
 # rows2b: 2B at 480p and 720p on 1, 2, 4 GPUs (default JSON); a whole 720p video on 2 GPUs
 run compile 1 150 $ONE python3 $TT --mode diffusers --size 2B --resolution 720 --steps 1
 run rows2b 1 120 $ONE python3 $TT --size 2B --resolution 480 --checkpointing auto --steps 3 $R2B

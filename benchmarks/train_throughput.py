@@ -192,9 +192,9 @@ def _alternate(step_fn, model, steps: int, device) -> dict:
 def _compile_stats(model) -> dict:
     from torch._dynamo.utils import counters
 
-    from toolkit.model.fused import elementwise_of
+    from toolkit.model.fused import describe_compile
 
-    return {"compile": elementwise_of(model).describe(), "compiled_graphs": counters["stats"].get("unique_graphs", 0),
+    return {"compile": describe_compile(model), "compiled_graphs": counters["stats"].get("unique_graphs", 0),
             "compiled_frames_ok": counters["frames"].get("ok", 0)}
 
 

@@ -151,8 +151,9 @@ class ModelConfig:
     fuse_lora: bool = True
     """LoRA Linear forward as one addmm (`W x + s B A x` in the second GEMM's epilogue) instead of PEFT's three extra
     passes; falls back to PEFT's forward where that would differ (toolkit/lora/fused.py)."""
-    compile: Literal["none", "elementwise", "auto"] = "auto"
-    """torch.compile of the blocks' elementwise maths (norms, RoPE, modulation); `auto` = on CUDA only."""
+    compile: Literal["none", "elementwise", "block", "auto"] = "auto"
+    """torch.compile of the blocks' elementwise maths (norms, RoPE, modulation); `auto` = on CUDA only. `block`
+    (experimental) compiles each whole block, with the replicated-base DeepSpeed JSONs only."""
     ema: EMAConfig = setting(factory=EMAConfig)
     """Upstream key path `model.config.pipe_config.ema`."""
     prompt_refiner_config: DisabledFeatureConfig = setting(factory=DisabledFeatureConfig)

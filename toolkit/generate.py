@@ -46,7 +46,7 @@ from toolkit.generate_models import (
     start_distributed,
 )
 from toolkit.model.attention import BACKENDS, fa4_installed
-from toolkit.model.fused import COMPILE_MODES, apply_compile, elementwise_of
+from toolkit.model.fused import COMPILE_MODES, apply_compile, describe_compile
 from toolkit.pipeline import (
     ASPECT_RATIOS,
     FRAMES_PER_FPS,
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
              "'nvidia-cutlass-dsl[cu13]'), else PyTorch SDPA with cuDNN first; the one that ran goes into the sidecar")
     add("--rope_bf16", action="store_true", help="bf16 RoPE angle table, as the official pipeline (bit-exact)")
     add("--compile", default="auto", choices=COMPILE_MODES,
-        help="torch.compile of the DiT's elementwise maths (norms, RoPE, modulation); auto = on CUDA only")
+        help="torch.compile of the DiT's elementwise maths (norms, RoPE, modulation), or (block, experimental) of each whole block; auto = elementwise on CUDA only")
     add("--benchmark", action="store_true", help="time every stage and sampling step (CUDA-synchronised) and print them")
     _add_lora_and_other_flags(parser)
     return parser
@@ -339,7 +339,7 @@ def write_outputs(item: Item, info: InputInfo, result: GenerationResult, context
         "dit": context["dit"],
         "adapters": context["adapters"],
         "attention_backend_used": context["net"].attention.backend_used,
-        "compile_used": elementwise_of(context["net"]).describe(),
+        "compile_used": describe_compile(context["net"]),
         "world_size": settings.num_gpus,
         "sequence_parallel_size": context["net"].sequence_parallel.size,
         "timings_s": timings,

@@ -81,10 +81,10 @@ def engine(args) -> None:
         base_out = build_dit_reference_output(probe_latent, probe_text)
     if args.sp > 1:
         apply_sequence_parallel(model, topo.sp_group)
-    if args.compile:
-        from toolkit.model.fused import apply_compile, elementwise_of
+    if args.compile != "none":
+        from toolkit.model.fused import apply_compile, describe_compile
 
-        apply_compile(model, "elementwise", topo.device)
+        apply_compile(model, args.compile, topo.device)
     named = lora_named_parameters(model)
     params = [p for _, p in named]
     ds = {
@@ -110,7 +110,7 @@ def engine(args) -> None:
     with gathered_parameters(params):
         lora = {n: p.detach().clone() for n, p in named}
     if topo.rank == 0:
-        compiled = elementwise_of(model).describe() if args.compile else "none"
+        compiled = describe_compile(model) if args.compile != "none" else "none"
         torch.save({"losses": losses, "lora": lora, "identity_error": identity_error, "compile": compiled}, args.out)
     # As the trainer does: a process that exits with its gloo groups alive aborted now and then at interpreter
     # shutdown under ZeRO-2 ("terminate called without an active exception", after rank 0 had saved).
@@ -133,8 +133,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--clip", type=float, default=0.0, help="gradient clipping (max global norm), 0 = off")
-    parser.add_argument("--compile", action="store_true", help="the elementwise functions through torch.compile")
-    parser.add_argument("--zero", type=int, default=3, choices=[2, 3], help="ZeRO stage (the 2B default JSON is stage 2)")
+    parser.add_argument("--compile", default="none", choices=["none", "elementwise", "block"], help="model.config.compile")
+    parser.add_argument("--zero", type=int, default=3, choices=[2, 3], help="ZeRO stage (the 2B default JSON is stage 2; block compile needs 2)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -61,9 +61,20 @@ def test_compiled_elementwise_under_sp_and_zero3_equals_plain_pytorch(references
     """torch.compile of the norms / RoPE / modulation inside Ulysses + ZeRO-3 (2 processes) still equals the eager
     single-process run (fp32: compiled kernels round differently only at float precision)."""
     out = tmp_path / "compiled.pt"
-    run([WORKER, "engine", "--sp", "2", "--compile", "--out", str(out)], nproc=2)
+    run([WORKER, "engine", "--sp", "2", "--compile", "elementwise", "--out", str(out)], nproc=2)
     result = torch.load(out)
     assert result["compile"] == "elementwise"  # compiled, not the eager fallback
+    _compare(references[1], result)
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile on CPU needs a C compiler")
+def test_block_compile_under_sp_and_zero2_equals_plain_pytorch(references, tmp_path):
+    """compile=block traces whole blocks, the fused Ulysses exchange included (PyTorch's functional all-to-all), under
+    ZeRO-2 with 2 processes: still equal to the eager single-process run."""
+    out = tmp_path / "block.pt"
+    run([WORKER, "engine", "--sp", "2", "--zero", "2", "--compile", "block", "--out", str(out)], nproc=2)
+    result = torch.load(out)
+    assert result["compile"] == "block"  # every block compiled, none fell back to eager
     _compare(references[1], result)
 
 

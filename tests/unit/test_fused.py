@@ -8,7 +8,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from toolkit.model import build_dit
-from toolkit.model.fused import EAGER, Elementwise, apply_compile, elementwise_of, resolve_compile_mode
+from toolkit.model.fused import EAGER, Elementwise, apply_compile, describe_compile, elementwise_of, resolve_compile_mode
 from toolkit.parallel.checkpointing import apply_activation_checkpointing
 
 
@@ -17,7 +17,7 @@ needs_compiler = pytest.mark.skipif(
 )
 
 
-def _pair(dtype: torch.dtype, policy: str):
+def _pair(dtype: torch.dtype, policy: str, mode: str = "elementwise"):
     torch.manual_seed(0)
     eager = build_dit("tiny", dtype=dtype)
     with torch.no_grad():  # non-trivial norm weights, so the weight path is exercised
@@ -28,7 +28,7 @@ def _pair(dtype: torch.dtype, policy: str):
     compiled.load_state_dict(eager.state_dict())
     for model in (eager, compiled):
         apply_activation_checkpointing(model, policy)
-    assert apply_compile(compiled, "elementwise", "cpu") == "elementwise"
+    assert apply_compile(compiled, mode, "cpu") == mode
     return eager, compiled
 
 
@@ -96,8 +96,45 @@ def test_compile_modes():
     assert resolve_compile_mode("auto", "cpu") == "none"
     assert resolve_compile_mode("auto", torch.device("cuda", 0)) == "elementwise"
     assert resolve_compile_mode("none", "cuda") == "none"
-    with pytest.raises(ValueError, match="compile='fast': choose one of none, elementwise, auto"):
+    with pytest.raises(ValueError, match="compile='fast': choose one of none, elementwise, block, auto"):
         resolve_compile_mode("fast", "cpu")
     model = build_dit("tiny")
     assert apply_compile(model, "auto", "cpu") == "none"
     assert all(block.elementwise is EAGER for block in model.blocks)
+
+
+@needs_compiler
+@pytest.mark.parametrize("policy", ["none", "selective", "full"])
+def test_block_compile_equals_eager_and_shares_one_graph(policy):
+    """compile=block: each whole block (its checkpointing included) through torch.compile; the blocks of a model
+    share one compiled graph, and results equal eager to float rounding."""
+    torch._dynamo.reset()
+    eager, compiled = _pair(torch.float32, policy, "block")
+    out_e, grads_e = _run(eager, torch.float32)
+    out_c, grads_c = _run(compiled, torch.float32)
+    assert describe_compile(compiled) == "block" and describe_compile(eager) == "none"
+    assert elementwise_of(compiled) is EAGER  # the block's graph fuses the elementwise maths itself
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from toolkit.parallel.checkpointing import _checkpointed_forward
+
+    code = (type(compiled.blocks[0]).forward if policy == "none" else _checkpointed_forward).__code__
+    assert len(compiled.blocks) == 2 and len(_debug_get_cache_entry_list(code)) == 1  # two blocks, one compiled graph
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_e.items():
+        scale = grad.abs().max().item() or 1.0
+        torch.testing.assert_close(grads_c[name] / scale, grad / scale, rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(RuntimeError, match="already applied"):
+        apply_compile(compiled, "block", "cpu")
+
+
+def test_block_compile_refuses_zero3():
+    from toolkit.config import load_run_config
+    from toolkit.train.build import check_block_compile
+
+    cfg = load_run_config("predict2_video2world_lora_training_2b_custom_data", None,
+                          ["model.config.compile=block", "trainer.ds_config=ds_configs/2b.json"])
+    with pytest.raises(ValueError, match="compile=block needs the frozen base unpartitioned.*ds_configs/2b.json is ZeRO "
+                                         "stage 3.*trainer.ds_config=ds_configs/2b_replicated_base.json"):
+        check_block_compile(cfg, {"zero_optimization": {"stage": 3}})
+    check_block_compile(cfg, {"zero_optimization": {"stage": 2}})  # the replicated base: allowed

@@ -7,6 +7,12 @@ RoPE, LayerNorm + AdaLN modulation, gated residual) is a separate eager kernel t
 explicit casts (Inductor's `emulate_precision_casts` keeps bf16 rounding where eager rounds), so compiled and eager
 agree to bf16 rounding (fp32: to float rounding).
 
+`block` (experimental, not chosen by `auto`) compiles each whole transformer block instead: its checkpointing, LoRA
+layers, attention call and the Ulysses exchange trace into one graph per block, so the host issues a few dozen
+kernels per block instead of hundreds of operator calls (where the host, not the GPU, sets the step time: the 2B at
+480p with SP=4). Blocks of one model share one compiled graph. It needs the frozen base unpartitioned (ZeRO-3's
+parameter hooks do not trace).
+
 Legend: B batch, S tokens, H heads, Dh head dim, T/Hs/Ws token grid, D width.
 """
 
@@ -19,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-COMPILE_MODES = ("none", "elementwise", "auto")
+COMPILE_MODES = ("none", "elementwise", "block", "auto")
 
 
 def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
@@ -67,14 +73,14 @@ class _CompiledOrEager:
         self.compiled = torch.compile(fn, dynamic=False, options=options)
         self.failed: str | None = None
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         if self.failed is None:
             try:
-                return self.compiled(*args)
+                return self.compiled(*args, **kwargs)
             except _compiler_errors() as error:  # no triton, no C compiler, an unsupported op, ...
                 self.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                 warnings.warn(f"torch.compile of {self.name} failed, running it eagerly ({self.failed})")
-        return self.eager(*args)
+        return self.eager(*args, **kwargs)
 
 
 def _compiler_errors() -> tuple[type[BaseException], ...]:
@@ -125,13 +131,33 @@ def resolve_compile_mode(mode: str, device: torch.device | str) -> str:
 
 
 def apply_compile(model: nn.Module, mode: str, device: torch.device | str) -> str:
-    """Give every layer of `model` that has an `elementwise` attribute the eager or compiled set; returns the mode."""
+    """Give every layer of `model` that has an `elementwise` attribute the eager or compiled set, or (`block`) compile
+    each of `model.blocks` whole (after checkpointing and sequence parallelism are applied); returns the mode."""
     mode = resolve_compile_mode(mode, device)
     ops = Elementwise(compiled=True) if mode == "elementwise" else EAGER
     for module in model.modules():
         if hasattr(module, "elementwise"):
             module.elementwise = ops
+    if mode == "block":
+        for i, block in enumerate(model.blocks):
+            if isinstance(vars(block).get("forward"), _CompiledOrEager):
+                raise RuntimeError("compile=block is already applied to this model")
+            block.forward = _CompiledOrEager(f"block {i}", block.forward)
     return mode
+
+
+def block_compile_failures(model: nn.Module) -> dict[str, str]:
+    """Blocks whose compilation failed under `compile=block` (they ran eagerly), with the reason."""
+    return {fn.name: fn.failed for block in getattr(model, "blocks", ())
+            if isinstance(fn := vars(block).get("forward"), _CompiledOrEager) and fn.failed}
+
+
+def describe_compile(model: nn.Module) -> str:
+    """What runs compiled, for logs and benchmark rows: `none`, `elementwise[ (eager fallback: ...)]` or `block[...]`."""
+    if any(isinstance(vars(block).get("forward"), _CompiledOrEager) for block in getattr(model, "blocks", ())):
+        failed = block_compile_failures(model)
+        return "block" if not failed else f"block (eager fallback: {len(failed)} blocks, {next(iter(failed.values()))})"
+    return elementwise_of(model).describe()
 
 
 def elementwise_of(model: nn.Module) -> Elementwise:

@@ -91,6 +91,16 @@ class _ExchangeDim0(torch.autograd.Function):
         return _all_to_all_dim0(grad, ctx.group), None
 
 
+def exchange_dim0(x: torch.Tensor, group) -> torch.Tensor:
+    """The differentiable dim-0 all-to-all: `_ExchangeDim0` eagerly; under torch.compile (model.config.compile=block)
+    PyTorch's functional all-to-all, which the compiler traces into the block's graph."""
+    if torch.compiler.is_compiling():
+        from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+        return all_to_all_single_autograd(x.contiguous(), None, None, group)
+    return _ExchangeDim0.apply(x, group)
+
+
 def fused_ulysses_attention(attention_fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group) -> torch.Tensor:
     """q, k, v `[B, S/P, H, D]` (sequence-sharded) -> one all-to-all -> attention on `[B, S, H/P, D]` -> one
     all-to-all -> `[B, S/P, H, D]`. Rank r's send block j holds head group j of r's tokens, so what r receives
@@ -100,11 +110,11 @@ def fused_ulysses_attention(attention_fn, q: torch.Tensor, k: torch.Tensor, v: t
     hp = h // size
     # [P, B, S/P, 3, H/P, D]: one copy, already in the layout the all-to-all sends
     send = torch.stack([t.view(b, s, size, hp, d).permute(2, 0, 1, 3, 4) for t in (q, k, v)], dim=3)
-    recv = _ExchangeDim0.apply(send, group)  # [P (sequence chunk), B, S/P, 3, H/P, D]
+    recv = exchange_dim0(send, group)  # [P (sequence chunk), B, S/P, 3, H/P, D]
     full = recv.transpose(0, 1).reshape(b, size * s, 3, hp, d)  # a view (no copy) for B = 1
     out = attention_fn(*full.unbind(2))  # [B, S, H/P, D]
     back = out.reshape(b, size, s, hp, d).transpose(0, 1)  # [P (sequence chunk), B, S/P, H/P, D]; a view for B = 1
-    back = _ExchangeDim0.apply(back, group)  # [P (head group), B, S/P, H/P, D]
+    back = exchange_dim0(back, group)  # [P (head group), B, S/P, H/P, D]
     return back.permute(1, 2, 0, 3, 4).reshape(b, s, h, d)
 
 

@@ -118,8 +118,20 @@ def choose_checkpointing(cfg: RunConfig, topology: Topology, ds_config: dict) ->
     return "full"
 
 
+def check_block_compile(cfg: RunConfig, ds_config: dict) -> None:
+    """`model.config.compile=block` traces whole blocks, which ZeRO-3's parameter-gathering hooks do not allow."""
+    if cfg.model.compile != "block" or ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        return
+    replicated = {"2B": "ds_configs/2b_replicated_base.json", "14B": "ds_configs/14b_replicated_base.json"}.get(cfg.model.model_size)
+    fix = f"trainer.ds_config={replicated} (ZeRO stage 2) or " if replicated else ""
+    name = cfg.trainer.ds_config or "the DeepSpeed config"
+    raise ValueError(f"model.config.compile=block needs the frozen base unpartitioned, but {name} is ZeRO stage 3, whose "
+                     f"parameter hooks torch.compile cannot trace: use {fix}model.config.compile=elementwise")
+
+
 def assemble_model(cfg: RunConfig, topology: Topology, ds_config: dict) -> AssembledModel:
     """Steps 1 to 4 of the module docstring, in that order."""
+    check_block_compile(cfg, ds_config)
     model, identity = build_base_dit(cfg, topology, ds_config)
     torch.manual_seed(cfg.job.seed + 1)  # the same lora_A on every rank and in every run, whatever built the base
     stats = apply_lora(
