@@ -9,7 +9,8 @@
 #                                                           # FlashAttention-4 installed fa4train fa4train14b;
 #                                                           # sp480 (the Ulysses exchange), lorafuse (LoRA forward),
 #                                                           # host (the host's cost per block, eager vs compiled);
-#                                                           # blockc (compile=block; only when named);
+#                                                           # blockc, blockc2 (compile=block on 4 / 2 GPUs; only
+#                                                           # when named);
 #                                                           # MIN_GPUS=2 skips 1-GPU rows
 #
 # Checks inside: SP=2/4 first-step loss equals SP=1 (the `first loss` column), LoRA generation on 1 and 2 GPUs gives
@@ -144,6 +145,16 @@ if [[ " $SETS " == *" blockc "* ]]; then
   done
   run blockc 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 720 --sp 4 --checkpointing auto --steps 3 --compile block --tag replicated_base_${AB}_block
   run blockc 4 300 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2 --ds_config ds_configs/14b_replicated_base.json --attention_backend $AB --compile block --tag replicated_base_${AB}_block
+fi
+# blockc2: the same comparison where two GPUs are lent: 2B 480p SP=2, block against elementwise in two rounds, each
+# behind a queued GPU sleep (the GPU's own s/it next to the host-bound one). Not in `all`: name it.
+if [[ " $SETS " == *" blockc2 "* ]]; then
+  AB=$([ "$FA4" = 1 ] && echo fa4 || echo cudnn)
+  S2B="--size 2B --ds_config ds_configs/2b_replicated_base.json --attention_backend $AB"
+  for round in 1 2; do
+    run blockc2 2 220 env CUDA_VISIBLE_DEVICES=0,1 $TR --nproc_per_node=2 $TT $S2B --resolution 480 --sp 2 --checkpointing auto --steps 6 --host_lead_ms 2000 --compile block --tag replicated_base_${AB}_block_$round
+    run blockc2 2 220 env CUDA_VISIBLE_DEVICES=0,1 $TR --nproc_per_node=2 $TT $S2B --resolution 480 --sp 2 --checkpointing auto --steps 6 --host_lead_ms 2000 --tag replicated_base_${AB}_elementwise_$round
+  done
 fi
 # rows2b: 2B at 480p and 720p on 1, 2, 4 GPUs (default JSON); a whole 720p video on 2 GPUs
 run compile 1 150 $ONE python3 $TT --mode diffusers --size 2B --resolution 720 --steps 1
