@@ -53,7 +53,8 @@ def _model(num_blocks: int, mode: str, policy: str, device: torch.device):
     from toolkit.parallel.checkpointing import apply_activation_checkpointing
 
     torch.manual_seed(0)
-    model = build_dit(dataclasses.replace(resolve_dit_config("tiny"), num_blocks=num_blocks)).to(device)
+    # bf16 on a GPU, as training runs (and as FlashAttention-4, which `auto` picks where installed, requires)
+    model = build_dit(dataclasses.replace(resolve_dit_config("tiny"), num_blocks=num_blocks)).to(device, _dtype(device))
     apply_lora(model, 4, 4, TARGETS)  # freezes the base: only the LoRA weights get gradients
     fused = fuse_lora_linears(model)
     apply_activation_checkpointing(model, policy)
@@ -61,11 +62,15 @@ def _model(num_blocks: int, mode: str, policy: str, device: torch.device):
     return model, describe_compile(model), fused
 
 
+def _dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def _step_fn(model, device: torch.device):
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(1, 16, 2, 8, 8, generator=g), torch.rand(1, 2, generator=g)
     text, mask = torch.randn(1, 16, 1024, generator=g) * 0.1, torch.zeros(1, 1, 2, 8, 8)
-    x, t, text, mask = (v.to(device) for v in (x, t, text, mask))
+    x, t, text, mask = (v.to(device, _dtype(device)) for v in (x, t, text, mask))
 
     def step():
         model(x, t, text, mask).float().square().mean().backward()
