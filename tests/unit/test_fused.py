@@ -106,20 +106,23 @@ def test_compile_modes():
 @needs_compiler
 @pytest.mark.parametrize("policy", ["none", "selective", "full"])
 def test_block_compile_equals_eager_and_shares_one_graph(policy):
-    """compile=block: each whole block (its checkpointing included) through torch.compile; the blocks of a model
-    share one compiled graph, and results equal eager to float rounding."""
+    """compile=block: each whole block (its checkpointing included) through torch.compile, with no graph break (a
+    break inside a checkpointed block ran it eagerly: seen on an H100 as a 2B step 24% slower than elementwise); the
+    first call is eager and records the attention backend; the blocks share one compiled graph; results equal eager
+    to float rounding."""
     torch._dynamo.reset()
+    counters.clear()
     eager, compiled = _pair(torch.float32, policy, "block")
     out_e, grads_e = _run(eager, torch.float32)
+    _run(compiled, torch.float32)  # the eager first call
+    assert compiled.attention.backend_used == "cpu-default" and counters["stats"].get("unique_graphs", 0) == 0
+    compiled.zero_grad(set_to_none=True)
     out_c, grads_c = _run(compiled, torch.float32)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert len(compiled.blocks) == 2 and counters["stats"]["unique_graphs"] == 1  # both blocks run one graph
     assert describe_compile(compiled) == "block" and describe_compile(eager) == "none"
     assert elementwise_of(compiled) is EAGER  # the block's graph fuses the elementwise maths itself
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-    from toolkit.parallel.checkpointing import _checkpointed_forward
-
-    code = (type(compiled.blocks[0]).forward if policy == "none" else _checkpointed_forward).__code__
-    assert len(compiled.blocks) == 2 and len(_debug_get_cache_entry_list(code)) == 1  # two blocks, one compiled graph
+    assert compiled.attention.backend_used == "cpu-default"
     torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
     for name, grad in grads_e.items():
         scale = grad.abs().max().item() or 1.0

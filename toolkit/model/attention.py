@@ -41,7 +41,7 @@ class SDPAttention:
         if backend not in BACKENDS:
             raise ValueError(f"attention backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         self.backend = backend
-        self.backend_used: str | None = None
+        self.backend_used: str | None = None  # set by _record
         self._resolved: dict[tuple, str] = {}
         self._fa4_failed = False
 
@@ -60,6 +60,13 @@ class SDPAttention:
         out_B_H_S_D = self._sdpa(q, k, v)
         return out_B_H_S_D.transpose(1, 2)
 
+    def _record(self, name: str) -> None:
+        """Note the backend that ran. Not while torch.compile traces: a store to this object inside a checkpointed
+        block is a graph break (Dynamo's "non-nullified side effect" in a higher-order op), which left every
+        checkpointed block eager under compile=block; that mode runs each block's first call eagerly, which records."""
+        if not torch.compiler.is_compiling():
+            self.backend_used = name
+
     def _auto_picks_fa4(self, q_B_S_H_D: torch.Tensor, k_B_S_H_D: torch.Tensor, v_B_S_H_D: torch.Tensor) -> bool:
         if self.backend != "auto" or q_B_S_H_D.device.type != "cuda":
             return False
@@ -72,16 +79,16 @@ class SDPAttention:
             from toolkit.model.fa4_op import check_interface, fa4_attention_op
 
             check_interface()  # installed, and the private functions the training ops call are as measured
-            self.backend_used = "fa4"
+            self._record("fa4")
             return fa4_attention_op(q_B_S_H_D, k_B_S_H_D, v_B_S_H_D)
         out_B_S_H_D = fa4_attention()(*(t.contiguous() for t in (q_B_S_H_D, k_B_S_H_D, v_B_S_H_D)))[0]
-        self.backend_used = "fa4"
+        self._record("fa4")
         return out_B_S_H_D
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.device.type != "cuda":
             if self.backend in ("auto", "math"):
-                self.backend_used = f"{q.device.type}-default" if self.backend == "auto" else "math"
+                self._record(f"{q.device.type}-default" if self.backend == "auto" else "math")
                 if self.backend == "math":
                     with sdpa_kernel(SDPBackend.MATH):
                         return F.scaled_dot_product_attention(q, k, v)
@@ -90,14 +97,14 @@ class SDPAttention:
         if self.backend != "auto":
             with sdpa_kernel(_SDP[self.backend]):
                 out = F.scaled_dot_product_attention(q, k, v)
-            self.backend_used = self.backend
+            self._record(self.backend)
             return out
         key = (q.dtype, q.shape[-1], q.requires_grad, q.device.index)
         if key in self._resolved:
             name = self._resolved[key]
             with sdpa_kernel(_SDP[name]):
                 out = F.scaled_dot_product_attention(q, k, v)
-            self.backend_used = name
+            self._record(name)
             return out
         major, _ = torch.cuda.get_device_capability(q.device)
         order = _AUTO_ORDER_HOPPER if major == 9 else _AUTO_ORDER_CUDA
@@ -113,8 +120,9 @@ class SDPAttention:
                 import warnings
 
                 warnings.warn("attention auto backend fell back to " + name + " (" + "; ".join(errors) + ")")
-            self._resolved[key] = name
-            self.backend_used = name
+            if not torch.compiler.is_compiling():
+                self._resolved[key] = name
+            self._record(name)
             return out
         raise RuntimeError("no SDPA backend could run: " + "; ".join(errors))
 

@@ -64,16 +64,21 @@ _FUNCTIONS = {
 
 
 class _CompiledOrEager:
-    """A compiled function that falls back to its eager twin, with one warning, if compilation fails."""
+    """A compiled function that falls back to its eager twin, with one warning, if compilation fails. `eager_first`:
+    the first call runs eagerly (a block's: it records what it resolves, such as the attention backend, which a traced
+    call must not write)."""
 
-    def __init__(self, name: str, fn: Callable) -> None:
-        self.name, self.eager = name, fn
+    def __init__(self, name: str, fn: Callable, eager_first: bool = False) -> None:
+        self.name, self.eager, self.eager_calls_left = name, fn, int(eager_first)
         options = {"emulate_precision_casts": True} if _inductor_has("emulate_precision_casts") else None
         # static shapes: a handful per function (q/k, text keys, the timestep norm), each with its own kernels
         self.compiled = torch.compile(fn, dynamic=False, options=options)
         self.failed: str | None = None
 
     def __call__(self, *args, **kwargs):
+        if self.eager_calls_left:
+            self.eager_calls_left -= 1
+            return self.eager(*args, **kwargs)
         if self.failed is None:
             try:
                 return self.compiled(*args, **kwargs)
@@ -142,7 +147,7 @@ def apply_compile(model: nn.Module, mode: str, device: torch.device | str) -> st
         for i, block in enumerate(model.blocks):
             if isinstance(vars(block).get("forward"), _CompiledOrEager):
                 raise RuntimeError("compile=block is already applied to this model")
-            block.forward = _CompiledOrEager(f"block {i}", block.forward)
+            block.forward = _CompiledOrEager(f"block {i}", block.forward, eager_first=True)
     return mode
 
 
