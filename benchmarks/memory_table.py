@@ -40,7 +40,8 @@ def estimates_against_results() -> list[tuple[str, dict, str, float]]:
         r = json.loads(path.read_text())
         if r["size"] not in EXPERIMENTS or "peak_allocated_gib" not in r:
             continue
-        compile_mode = "none" if r.get("compile", "none") == "none" else "elementwise"  # rows before compile: eager
+        # rows before compile existed: eager; "elementwise (eager fallback: ...)" is still the elementwise setting
+        compile_mode = {"none": "none", "block": "block"}.get(r.get("compile", "none").split(" ")[0], "elementwise")
         cfg = _config(r["size"], r["resolution"], r["sp"], compile_mode)
         estimate = estimate_memory(cfg, r["world_size"], r["checkpointing"], r["zero_stage"],
                                    r.get("offload_param", False)).total_bytes / 2**30

@@ -92,16 +92,27 @@ def train_table(rows: list[dict], fa4_rates: dict[tuple, float] | None = None) -
             "| of kernel ceiling | scaling vs 1 GPU | peak alloc GiB | peak reserved GiB | first loss | tag |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     single = _reference_times(rows)
+    marked = False
     for r in sorted(rows, key=lambda r: (card(r.get("gpu")), r["size"], r["resolution"], r["mode"], r["world_size"], r["median_s_per_iter"])):
-        base = single.get((card(r.get("gpu")), r["size"], r["resolution"], r.get("compile", "none"), r["attention_backend"]))
+        key = (card(r.get("gpu")), r["size"], r["resolution"], r.get("compile", "none"), r["attention_backend"])
+        base, mark = single.get(key), ""
+        if base is None:  # no 1-GPU row of this compile mode: the fastest 1-GPU row of the same kernel and ZeRO stage
+            others = [o["median_s_per_iter"] for o in rows if o["mode"] == "lora" and o["world_size"] == 1
+                      and (card(o.get("gpu")), o["size"], o["resolution"], o["attention_backend"], o["zero_stage"])
+                      == key[:3] + (r["attention_backend"], r["zero_stage"])]
+            base, mark = (min(others), "†") if others else (None, "")
         # per sample: a data-parallel row (SP < GPUs) processes several samples per iteration
-        scaling = f"{base * r['samples_per_s'] / r['world_size']:.0%}" if base and r["world_size"] > 1 and r["mode"] == "lora" else "-"
+        scaling = f"{base * r['samples_per_s'] / r['world_size']:.0%}{mark}" if base and r["world_size"] > 1 and r["mode"] == "lora" else "-"
+        marked = marked or bool(mark and scaling != "-")
         lines.append(
             f"| {card(r.get('gpu'))} | {r['mode']} | {r['size']} | {r['resolution']}p | {r['world_size']} | {r['sp']} | {r['zero_stage']} | {r['checkpointing']} "
             f"| {r['attention_backend']} | {r.get('compile', 'none')} | {r['median_s_per_iter']:.2f} | {r['samples_per_s']:.3f} "
             f"| {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.1%} | {_floor(r, 'train'):.0%} | {scaling} | {r.get('peak_allocated_gib', 0):.1f} | {r.get('peak_reserved_gib', 0):.1f} "
             f"| {r['first_loss']:.5f} | {r.get('tag', '')} |"
         )
+    if marked:
+        lines += ["", "† against the fastest 1-GPU row of the same card, size, resolution, attention kernel and ZeRO stage under "
+                      "another compile mode (no 1-GPU row of the row's own mode was measured)."]
     baseline = [r for r in rows if r["mode"] == "diffusers"]
     for b in baseline:
         ours = min((t for k, t in single.items() if k[:3] == (card(b.get("gpu")), b["size"], b["resolution"])), default=None)

@@ -55,7 +55,8 @@ GT="-m benchmarks.generate_throughput"
 ONE="env CUDA_VISIBLE_DEVICES=0"   # a command, not a function: `timeout` runs it
 R2B="--ds_config ds_configs/2b_replicated_base.json --tag replicated_base"   # the 2B default JSON (ZeRO-2)
 Z2B="--ds_config ds_configs/2b.json"                                          # ZeRO-3 comparison rows
-# compile: the elementwise torch.compile against eager on the same machine (tag eager = compile none), with the
+# compile: the default torch.compile (`auto`: whole blocks with the replicated base) against eager on the same
+# machine (tag eager = compile none), with the
 # profiler's host-sync check on the 1-GPU row, and the hand-built diffusers + PEFT baseline in the same run.
 run compile 1 200 $ONE python3 $TT --size 2B --resolution 720 --checkpointing selective --steps 3 $R2B --profile
 run compile 1 150 $ONE python3 $TT --size 2B --resolution 720 --checkpointing selective --steps 3 $R2B --compile none --tag replicated_base_eager
@@ -121,14 +122,14 @@ if [ "$GPUS" -ge 4 ]; then
   finish
 fi
 # host: the host's cost per block by compile mode (benchmarks.host_overhead on the GPU's host), then the 2B at 480p
-# and SP=4 eager against its default (compiled elementwise maths) in two rounds, since its steps drift from run to run;
-# on CPU the compiled elementwise functions cost the host more per block than eager (results/host_overhead_cpu.json).
+# and SP=4 eager against compiled elementwise maths in two rounds, since its steps drift from run to run (the
+# default, block, against elementwise: set blockc).
 run host 1 200 $ONE python3 -m benchmarks.host_overhead --device cuda
 for round in 1 2; do
   run host 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 480 --sp 4 --checkpointing auto --steps 8 --host_lead_ms 1200 --compile none --tag replicated_base_${AB}_eager_$round
-  run host 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 480 --sp 4 --checkpointing auto --steps 8 --host_lead_ms 1200 --tag replicated_base_${AB}_elementwise_$round
+  run host 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 480 --sp 4 --checkpointing auto --steps 8 --host_lead_ms 1200 --compile elementwise --tag replicated_base_${AB}_elementwise_$round
 done
-# blockc: model.config.compile=block (each whole block through torch.compile; experimental) against elementwise: the
+# blockc: model.config.compile=block (each whole block through torch.compile; the training default) against elementwise: the
 # 1-GPU 720p pair side by side, then 2B 480p SP=4 in two rounds (its steps drift from run to run), 2B 720p SP=4, and
 # the 14B 720p SP=4 with the replicated base. Not in `all`: name it.
 if [[ " $SETS " == *" blockc "* ]]; then
@@ -136,12 +137,12 @@ if [[ " $SETS " == *" blockc "* ]]; then
   S2B="--size 2B --ds_config ds_configs/2b_replicated_base.json --attention_backend $AB"
   if [ "$GPUS" -ge 2 ]; then
     runbg blockc 2 400 b720 env CUDA_VISIBLE_DEVICES=0 python3 $TT $S2B --checkpointing selective --resolution 720 --steps 3 --compile block --tag replicated_base_${AB}_block
-    runbg blockc 2 400 e720 env CUDA_VISIBLE_DEVICES=1 python3 $TT $S2B --checkpointing selective --resolution 720 --steps 3 --tag replicated_base_${AB}_elementwise
+    runbg blockc 2 400 e720 env CUDA_VISIBLE_DEVICES=1 python3 $TT $S2B --checkpointing selective --resolution 720 --steps 3 --compile elementwise --tag replicated_base_${AB}_elementwise
     finish
   fi
   for round in 1 2; do
     run blockc 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 480 --sp 4 --checkpointing auto --steps 8 --host_lead_ms 1200 --compile block --tag replicated_base_${AB}_block_$round
-    run blockc 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 480 --sp 4 --checkpointing auto --steps 8 --host_lead_ms 1200 --tag replicated_base_${AB}_elementwise_$round
+    run blockc 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 480 --sp 4 --checkpointing auto --steps 8 --host_lead_ms 1200 --compile elementwise --tag replicated_base_${AB}_elementwise_$round
   done
   run blockc 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 720 --sp 4 --checkpointing auto --steps 3 --compile block --tag replicated_base_${AB}_block
   run blockc 4 300 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2 --ds_config ds_configs/14b_replicated_base.json --attention_backend $AB --compile block --tag replicated_base_${AB}_block
@@ -153,7 +154,7 @@ if [[ " $SETS " == *" blockc2 "* ]]; then
   S2B="--size 2B --ds_config ds_configs/2b_replicated_base.json --attention_backend $AB"
   for round in 1 2; do
     run blockc2 2 220 env CUDA_VISIBLE_DEVICES=0,1 $TR --nproc_per_node=2 $TT $S2B --resolution 480 --sp 2 --checkpointing auto --steps 6 --host_lead_ms 2000 --compile block --tag replicated_base_${AB}_block_$round
-    run blockc2 2 220 env CUDA_VISIBLE_DEVICES=0,1 $TR --nproc_per_node=2 $TT $S2B --resolution 480 --sp 2 --checkpointing auto --steps 6 --host_lead_ms 2000 --tag replicated_base_${AB}_elementwise_$round
+    run blockc2 2 220 env CUDA_VISIBLE_DEVICES=0,1 $TR --nproc_per_node=2 $TT $S2B --resolution 480 --sp 2 --checkpointing auto --steps 6 --host_lead_ms 2000 --compile elementwise --tag replicated_base_${AB}_elementwise_$round
   done
 fi
 # rows2b: 2B at 480p and 720p on 1, 2, 4 GPUs (default JSON); a whole 720p video on 2 GPUs

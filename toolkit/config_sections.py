@@ -152,8 +152,10 @@ class ModelConfig:
     """LoRA Linear forward as one addmm (`W x + s B A x` in the second GEMM's epilogue) instead of PEFT's three extra
     passes; falls back to PEFT's forward where that would differ (toolkit/lora/fused.py)."""
     compile: Literal["none", "elementwise", "block", "auto"] = "auto"
-    """torch.compile of the blocks' elementwise maths (norms, RoPE, modulation); `auto` = on CUDA only. `block`
-    (experimental) compiles each whole block, with the replicated-base DeepSpeed JSONs only."""
+    """torch.compile in training. `block`: each whole block (LoRA, attention call, checkpointing, Ulysses exchange),
+    not with ZeRO-3 (the default JSONs of the 2B and the 14B with `*_replicated_base.json` are ZeRO-2); `elementwise`:
+    the blocks' norms, RoPE and modulation only; `auto` = `block` on CUDA where allowed, else `elementwise`, and
+    `none` on CPU."""
     ema: EMAConfig = setting(factory=EMAConfig)
     """Upstream key path `model.config.pipe_config.ema`."""
     prompt_refiner_config: DisabledFeatureConfig = setting(factory=DisabledFeatureConfig)

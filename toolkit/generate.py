@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
              "'nvidia-cutlass-dsl[cu13]'), else PyTorch SDPA with cuDNN first; the one that ran goes into the sidecar")
     add("--rope_bf16", action="store_true", help="bf16 RoPE angle table, as the official pipeline (bit-exact)")
     add("--compile", default="auto", choices=COMPILE_MODES,
-        help="torch.compile of the DiT's elementwise maths (norms, RoPE, modulation), or (block, experimental) of each whole block; auto = elementwise on CUDA only")
+        help="torch.compile of the DiT's elementwise maths (norms, RoPE, modulation), or of each whole block (block: measured in training only); auto = elementwise on CUDA only")
     add("--benchmark", action="store_true", help="time every stage and sampling step (CUDA-synchronised) and print them")
     _add_lora_and_other_flags(parser)
     return parser

@@ -110,8 +110,12 @@ def engine(args) -> None:
     with gathered_parameters(params):
         lora = {n: p.detach().clone() for n, p in named}
     if topo.rank == 0:
+        from torch._dynamo.utils import counters
+
         compiled = describe_compile(model) if args.compile != "none" else "none"
-        torch.save({"losses": losses, "lora": lora, "identity_error": identity_error, "compile": compiled}, args.out)
+        torch.save({"losses": losses, "lora": lora, "identity_error": identity_error, "compile": compiled,
+                    "graphs": counters["stats"].get("unique_graphs", 0), "graph_breaks": dict(counters["graph_break"])},
+                   args.out)
     # As the trainer does: a process that exits with its gloo groups alive aborted now and then at interpreter
     # shutdown under ZeRO-2 ("terminate called without an active exception", after rank 0 had saved).
     dist.barrier()

@@ -75,6 +75,7 @@ def test_block_compile_under_sp_and_zero2_equals_plain_pytorch(references, tmp_p
     run([WORKER, "engine", "--sp", "2", "--zero", "2", "--compile", "block", "--out", str(out)], nproc=2)
     result = torch.load(out)
     assert result["compile"] == "block"  # every block compiled, none fell back to eager
+    assert result["graphs"] >= 1 and not result["graph_breaks"], result["graph_breaks"]  # steps 2 and 3 ran the graph
     _compare(references[1], result)
 
 

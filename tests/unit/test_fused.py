@@ -141,3 +141,21 @@ def test_block_compile_refuses_zero3():
                                          "stage 3.*trainer.ds_config=ds_configs/2b_replicated_base.json"):
         check_block_compile(cfg, {"zero_optimization": {"stage": 3}})
     check_block_compile(cfg, {"zero_optimization": {"stage": 2}})  # the replicated base: allowed
+
+
+def test_training_auto_compiles_blocks_unless_zero3():
+    from types import SimpleNamespace
+
+    from toolkit.config import load_run_config
+    from toolkit.train.build import choose_compile
+
+    cuda, cpu = SimpleNamespace(device=torch.device("cuda", 0)), SimpleNamespace(device=torch.device("cpu"))
+    zero2, zero3 = {"zero_optimization": {"stage": 2}}, {"zero_optimization": {"stage": 3}}
+    cfg = load_run_config("predict2_video2world_lora_training_2b_custom_data", None, [])
+    assert cfg.model.compile == "auto"
+    assert choose_compile(cfg, cuda, zero2) == "block"
+    assert choose_compile(cfg, cuda, zero3) == "elementwise"  # ZeRO-3's parameter hooks do not trace
+    assert choose_compile(cfg, cpu, zero2) == "none"
+    for mode in ("none", "elementwise", "block"):
+        explicit = load_run_config("predict2_video2world_lora_training_2b_custom_data", None, [f"model.config.compile={mode}"])
+        assert choose_compile(explicit, cuda, zero2) == mode

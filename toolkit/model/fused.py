@@ -7,11 +7,13 @@ RoPE, LayerNorm + AdaLN modulation, gated residual) is a separate eager kernel t
 explicit casts (Inductor's `emulate_precision_casts` keeps bf16 rounding where eager rounds), so compiled and eager
 agree to bf16 rounding (fp32: to float rounding).
 
-`block` (experimental, not chosen by `auto`) compiles each whole transformer block instead: its checkpointing, LoRA
-layers, attention call and the Ulysses exchange trace into one graph per block, so the host issues a few dozen
-kernels per block instead of hundreds of operator calls (where the host, not the GPU, sets the step time: the 2B at
-480p with SP=4). Blocks of one model share one compiled graph. It needs the frozen base unpartitioned (ZeRO-3's
-parameter hooks do not trace).
+`block` compiles each whole transformer block instead: its checkpointing, LoRA layers, attention call and the
+Ulysses exchange trace into one graph, shared by the blocks of a model, so the host issues a few dozen kernels per
+block instead of hundreds of operator calls (on an H100 host 4.0 ms per block against elementwise's 9.8), and Inductor
+fuses across the block (the 2B step 3-6% faster on the GPU). Each block's first call runs eagerly (it records what it
+resolves, such as the attention backend). It needs the frozen base unpartitioned (ZeRO-3's parameter hooks do not
+trace); training's `auto` picks it where that holds (`toolkit.train.build.choose_compile`); `resolve_compile_mode`
+below, which sampling uses, keeps `auto` = `elementwise`.
 
 Legend: B batch, S tokens, H heads, Dh head dim, T/Hs/Ws token grid, D width.
 """

@@ -98,7 +98,8 @@ def _train(cfg, args, warnings_: list[str]) -> int:
         for line in session.assembled.lora.lines():
             print(line)
         print(f"activation checkpointing: {session.assembled.checkpointing}; sequence parallel: {session.assembled.sp_size}; "
-              f"compile: {session.assembled.compile}")
+              f"compile: {session.assembled.compile}"
+              + (" (step 1 runs eagerly, step 2 compiles)" if session.assembled.compile == "block" else ""))
     try:
         summary = train(session, log=print if topology.is_main else (lambda *a: None))
     except (NonFiniteLossError, ResumeMismatchError) as err:

@@ -15,7 +15,8 @@ benchmarks/results (`python -m benchmarks.memory_table --against_results`: fitte
   EMA copy (4 bytes/param, whole on every rank);
 - activations on this rank's tokens S = L / sp, per block: `none` keeps everything (about 54 D bytes per token
   with eager elementwise maths, 48 D with `model.config.compile` (fewer fp32 intermediates); measured for the 2B
-  at 720p at SP=4 and SP=2), `full` keeps the block input (2 D), `selective` the input and the two attention
+  at 720p at SP=4 and SP=2; `block` compile is planned as elementwise: measured within 1% on one GPU and at SP=2,
+  but its 2B 480p SP=4 peak is 10% above the plan, not yet explained), `full` keeps the block input (2 D), `selective` the input and the two attention
   outputs (6 D); recomputation needs one block's full set on top;
 - the backward working set of the block being differentiated, 13 D bytes per token under every policy: its
   gradient buffers (the gradient of the 4 D-wide MLP hidden is 8 D in bf16, the residual-stream gradients in and
