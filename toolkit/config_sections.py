@@ -154,8 +154,8 @@ class ModelConfig:
     compile: Literal["none", "elementwise", "block", "auto"] = "auto"
     """torch.compile in training. `block`: each whole block (LoRA, attention call, checkpointing, Ulysses exchange),
     not with ZeRO-3 (the default JSONs of the 2B and the 14B with `*_replicated_base.json` are ZeRO-2); `elementwise`:
-    the blocks' norms, RoPE and modulation only; `auto` = `block` on CUDA where allowed, else `elementwise`, and
-    `none` on CPU."""
+    the blocks' norms, RoPE and modulation only; `auto` = `block` on CUDA where allowed (not with ZeRO-3 or
+    the `deepspeed` Ulysses exchange), else `elementwise`, and `none` on CPU."""
     ema: EMAConfig = setting(factory=EMAConfig)
     """Upstream key path `model.config.pipe_config.ema`."""
     prompt_refiner_config: DisabledFeatureConfig = setting(factory=DisabledFeatureConfig)

@@ -149,13 +149,18 @@ def test_training_auto_compiles_blocks_unless_zero3():
     from toolkit.config import load_run_config
     from toolkit.train.build import choose_compile
 
-    cuda, cpu = SimpleNamespace(device=torch.device("cuda", 0)), SimpleNamespace(device=torch.device("cpu"))
+    cuda, cpu = SimpleNamespace(device=torch.device("cuda", 0), sp_size=1), SimpleNamespace(device=torch.device("cpu"), sp_size=1)
     zero2, zero3 = {"zero_optimization": {"stage": 2}}, {"zero_optimization": {"stage": 3}}
     cfg = load_run_config("predict2_video2world_lora_training_2b_custom_data", None, [])
     assert cfg.model.compile == "auto"
     assert choose_compile(cfg, cuda, zero2) == "block"
     assert choose_compile(cfg, cuda, zero3) == "elementwise"  # ZeRO-3's parameter hooks do not trace
     assert choose_compile(cfg, cpu, zero2) == "none"
+    sp2 = SimpleNamespace(device=torch.device("cuda", 0), sp_size=2)
+    assert choose_compile(cfg, sp2, zero2) == "block"  # the fused exchange traces into the block's graph
+    deepspeed = load_run_config("predict2_video2world_lora_training_2b_custom_data", None,
+                                ["model_parallel.ulysses_exchange=deepspeed"])
+    assert choose_compile(deepspeed, sp2, zero2) == "elementwise" and choose_compile(deepspeed, cuda, zero2) == "block"
     for mode in ("none", "elementwise", "block"):
         explicit = load_run_config("predict2_video2world_lora_training_2b_custom_data", None, [f"model.config.compile={mode}"])
         assert choose_compile(explicit, cuda, zero2) == mode

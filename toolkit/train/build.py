@@ -121,11 +121,13 @@ def choose_checkpointing(cfg: RunConfig, topology: Topology, ds_config: dict) ->
 
 def choose_compile(cfg: RunConfig, topology: Topology, ds_config: dict) -> str:
     """`auto`: on CUDA `block` (each whole block through torch.compile) unless ZeRO-3 partitions the frozen base, whose
-    parameter hooks do not trace, then `elementwise`; `none` on CPU. Measured on H100s against elementwise, same
-    machine: the 2B step 2-6% faster at 720p and 480p on one GPU and at 480p SP=2, and at 480p SP=4 the host no longer
-    sets the step time (docs/performance.md)."""
+    parameter hooks do not trace, or DeepSpeed's `DistributedAttention` does the Ulysses exchange (only the fused
+    exchange is traced and tested under `block`), then `elementwise`; `none` on CPU. Measured on H100s against
+    elementwise, same machine: the 2B step 2-6% faster at 720p and 480p on one GPU and at 480p SP=2, and at 480p SP=4
+    the host no longer sets the step time (docs/performance.md)."""
     mode = resolve_compile_mode(cfg.model.compile, topology.device)
-    if cfg.model.compile == "auto" and mode == "elementwise" and _zero_stage(ds_config) != 3:
+    deepspeed_exchange = topology.sp_size > 1 and cfg.model_parallel.ulysses_exchange != "fused"
+    if cfg.model.compile == "auto" and mode == "elementwise" and _zero_stage(ds_config) != 3 and not deepspeed_exchange:
         return "block"
     return mode
 
