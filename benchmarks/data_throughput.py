@@ -37,6 +37,7 @@ import psutil
 import safetensors.torch
 import torch
 
+from benchmarks.report import cpu_name
 from toolkit.data.format import FORMAT_VERSION, SHARD_PATTERN, LatentSpec, Manifest, SampleRecord, ShardInfo
 from toolkit.data.loader import LoaderSpec, build_train_stream
 from toolkit.data.video import probe_video
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = reference or next((c for c in decode_cases if c["resolution"] == "720"), None)
     cores = cores_per_gpu(reference) if reference else None
     results = {
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+        "machine": {"cpus": os.cpu_count(), "processor": cpu_name(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},

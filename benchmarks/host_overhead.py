@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import card_suffix, host_table, machine_fields
+from benchmarks.report import card_suffix, cpu_name, host_table, machine_fields
 from toolkit.model.fused import COMPILE_MODES
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -122,21 +122,8 @@ def run(args: argparse.Namespace) -> dict:
                                                                             large["lora_fused_layers"]],
         })
     machine = machine_fields(device)
-    return {"device": device.type, "host_cpu": _cpu_name(), "host_threads": torch.get_num_threads(), **machine,
+    return {"device": device.type, "host_cpu": cpu_name(), "host_threads": torch.get_num_threads(), **machine,
             "rows": rows}
-
-
-def _cpu_name() -> str:
-    """The host CPU's model name (Linux), else the platform's processor string."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None) -> None:

@@ -25,6 +25,19 @@ def card(gpu_name: str | None) -> str:
     return found.group(1) if found else ("cpu" if not gpu_name else gpu_name)
 
 
+def cpu_name() -> str:
+    """The host CPU's model name (Linux /proc/cpuinfo), else the platform's processor string."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def machine_fields(device) -> dict:
     """The card, driver and library versions a GPU row records (empty on CPU, where only deepspeed is noted)."""
     import subprocess

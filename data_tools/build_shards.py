@@ -50,7 +50,7 @@ from data_tools.scan import (
 from toolkit.data import format as shard_format
 from toolkit.data.format import LatentSpec, Manifest, SampleRecord, ShardInfo
 from toolkit.data.video import decode_frames
-from toolkit.encoders.latent_grid import latent_shape
+from toolkit.encoders.latent_grid import frame_count_problem, latent_shape
 
 RESOLUTIONS = {"480": (432, 768), "720": (704, 1280)}
 """(height, width) of the 16:9 sizes of upstream's resolution table."""
@@ -122,8 +122,8 @@ def _check_latent_args(args: argparse.Namespace) -> list[str]:
         problems.append(
             f"--video_size {args.video_size[0]} {args.video_size[1]}: both must be multiples of 16, e.g. 704 1280"
         )
-    if (args.num_frames - 1) % 4:
-        problems.append(f"--num_frames {args.num_frames} with --latents: must be 1 + 4k (93 at 16 fps, 61 at 10 fps)")
+    if problem := frame_count_problem(args.num_frames):
+        problems.append(f"--num_frames {args.num_frames} with --latents: {problem}")
     args.windows = 1 if args.windows is None else args.windows
     if args.windows < 1:
         problems.append(f"--windows {args.windows}: must be >= 1")

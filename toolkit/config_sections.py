@@ -15,7 +15,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Callable, Literal
 
 from toolkit.diffusion.schedule import ObjectiveConfig
-from toolkit.encoders.latent_grid import num_latent_frames
+from toolkit.encoders.latent_grid import frame_count_problem, num_latent_frames, num_pixel_frames
 from toolkit.experiments import ATTENTION_TARGETS, MLP_TARGETS, LORA_TARGET_PRESETS, expand_lora_targets
 from toolkit.model.presets import PRESETS
 
@@ -190,11 +190,12 @@ class ModelConfig:
         max_frames = PRESETS[self.model_size].max_frames
         if self.num_frames < 1:
             return []
-        if (self.num_frames - 1) % 4:
-            return [("num_frames", "must be 4k+1 (the VAE codes frame 0 alone, then groups of 4), e.g. 93 or 61")]
+        problem = frame_count_problem(self.num_frames)
+        if problem:
+            return [("num_frames", problem)]
         latent_frames = num_latent_frames(self.num_frames)
         if latent_frames > max_frames:
-            return [("num_frames", f"at most {4 * (max_frames - 1) + 1} ({max_frames} latent frames, the RoPE table)")]
+            return [("num_frames", f"at most {num_pixel_frames(max_frames)} ({max_frames} latent frames, the RoPE table)")]
         conditional = self.objective.max_num_conditional_frames
         if latent_frames <= conditional:
             return [("num_frames", f"gives {latent_frames} latent frames; needs more than model.config.objective."

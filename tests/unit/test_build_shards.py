@@ -270,7 +270,7 @@ def test_latents_with_the_tiny_vae(tmp_path):
     [
         (["--latents"], "--latents needs --vae"),
         (["--vae", "tiny"], "only apply with --latents"),
-        (["--latents", "--vae", "tiny", "--num_frames", "90"], "must be 1 + 4k"),
+        (["--latents", "--vae", "tiny", "--num_frames", "90"], "needs 1 + 4k pixel frames (first frame alone, then groups of 4), e.g. 89 or 93"),
         (["--latents", "--vae", "tiny", "--video_size", "30", "32"], "multiples of 16"),
         (["--shard_size", "lots"], "expected a size like 1GB"),
     ],

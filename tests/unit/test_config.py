@@ -275,6 +275,8 @@ def test_several_errors_are_reported_at_once():
     for start in expected:
         assert sum(problem.startswith(start) for problem in problems) == 1, (start, problems)
     assert len(problems) == len(expected)
+    (frames,) = [problem for problem in problems if problem.startswith(cli + "model.config.num_frames=94:")]
+    assert "needs 1 + 4k pixel frames" in frames and "e.g. 93 or 97" in frames  # the VAE's rule, one owner
 
 
 def test_tiny_without_checkpoint_needs_random_base_flag():

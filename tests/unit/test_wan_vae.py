@@ -20,7 +20,7 @@ from toolkit.encoders.wan_vae import (
     num_latent_frames,
     num_pixel_frames,
 )
-from toolkit.encoders.latent_grid import latent_shape
+from toolkit.encoders.latent_grid import frame_count_problem, latent_shape
 from toolkit.encoders.wan_vae_keys import diffusers_to_wan_key, infer_wan_config, wan_to_diffusers_key
 
 TINY_CONFIG = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1}
@@ -116,6 +116,7 @@ def test_frame_arithmetic():
             num_latent_frames(bad)
     with pytest.raises(ValueError, match="num_latent=0"):
         num_pixel_frames(0)
+    assert frame_count_problem(93) is None and "e.g. 1 or 5" in frame_count_problem(0)
     # one clip's latent grid, as the config, the shard format, the data tools and the benchmarks size it
     assert latent_shape(93, 704, 1280) == (16, 24, 88, 160) and latent_shape(61, 480, 832) == (16, 16, 60, 104)
     with pytest.raises(ValueError, match="num_frames=92"):

@@ -14,14 +14,21 @@ SPATIAL_COMPRESSION = 8
 PIXEL_SIZE_MULTIPLE = 16
 
 
+def frame_count_problem(num_frames: int) -> str | None:
+    """Why the VAE cannot code `num_frames` pixel frames (it needs 1 + 4k), naming the two nearest valid counts;
+    None when it can."""
+    if num_frames >= 1 and (num_frames - 1) % TEMPORAL_COMPRESSION == 0:
+        return None
+    lower = 1 + TEMPORAL_COMPRESSION * max((num_frames - 1) // TEMPORAL_COMPRESSION, 0)
+    return (f"the Wan2.1 VAE needs 1 + 4k pixel frames (first frame alone, then groups of 4), e.g. {lower} or "
+            f"{lower + TEMPORAL_COMPRESSION}; Cosmos uses 93 (16 fps) or 61 (10 fps).")
+
+
 def num_latent_frames(num_frames: int) -> int:
     """Latent frames for `num_frames` pixel frames: 1 + (n - 1) / 4 (93 -> 24, 61 -> 16, 1 -> 1)."""
-    if num_frames < 1 or (num_frames - 1) % TEMPORAL_COMPRESSION != 0:
-        lower = 1 + TEMPORAL_COMPRESSION * max((num_frames - 1) // TEMPORAL_COMPRESSION, 0)
-        raise ValueError(
-            f"num_frames={num_frames}: the Wan2.1 VAE needs 1 + 4k pixel frames (first frame alone, then groups "
-            f"of 4), e.g. {lower} or {lower + TEMPORAL_COMPRESSION}; Cosmos uses 93 (16 fps) or 61 (10 fps)."
-        )
+    problem = frame_count_problem(num_frames)
+    if problem:
+        raise ValueError(f"num_frames={num_frames}: {problem}")
     return 1 + (num_frames - 1) // TEMPORAL_COMPRESSION
 
 
