@@ -98,6 +98,9 @@ def test_dry_run_plan_lines_and_memory_estimate_orders():
     lines = describe_plan(cfg, 8)
     assert lines[0].startswith("model 14B: Total parameters: 14,265,285,632; Trainable LoRA parameters: 143,917,056")
     assert "84,480 tokens" in lines[1] and "data-parallel 2 x sequence-parallel 4" in lines[2]
+    assert "torch.compile on the GPUs (model.config.compile=auto): elementwise" in lines[4]  # the 14B default is ZeRO-3
+    two_b = describe_plan(load_run_config("predict2_video2world_lora_training_2b_custom_data", None, []), 1)
+    assert two_b[4].startswith("torch.compile on the GPUs (model.config.compile=auto): block (each whole block")
     none, selective, full = (estimate_memory(cfg, 8, p).total_bytes for p in ("none", "selective", "full"))
     assert none > selective > full
     assert any("does NOT fit" in line for line in lines) and any("(fits" in line for line in lines)

@@ -125,9 +125,14 @@ def choose_compile(cfg: RunConfig, topology: Topology, ds_config: dict) -> str:
     exchange is traced and tested under `block`), then `elementwise`; `none` on CPU. Measured on H100s against
     elementwise, same machine: the 2B step 2-6% faster at 720p and 480p on one GPU and at 480p SP=2, and at 480p SP=4
     the host no longer sets the step time (docs/performance.md)."""
-    mode = resolve_compile_mode(cfg.model.compile, topology.device)
-    deepspeed_exchange = topology.sp_size > 1 and cfg.model_parallel.ulysses_exchange != "fused"
-    if cfg.model.compile == "auto" and mode == "elementwise" and _zero_stage(ds_config) != 3 and not deepspeed_exchange:
+    return compile_mode_for(cfg, topology.device.type, topology.sp_size, _zero_stage(ds_config))
+
+
+def compile_mode_for(cfg: RunConfig, device_type: str, sp_size: int, zero_stage: int) -> str:
+    """`choose_compile` from plain values (the `--dry-run` plan asks it for GPUs it does not have)."""
+    mode = resolve_compile_mode(cfg.model.compile, device_type)
+    deepspeed_exchange = sp_size > 1 and cfg.model_parallel.ulysses_exchange != "fused"
+    if cfg.model.compile == "auto" and mode == "elementwise" and zero_stage != 3 and not deepspeed_exchange:
         return "block"
     return mode
 

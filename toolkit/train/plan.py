@@ -129,6 +129,14 @@ def configured_zero_settings(cfg: RunConfig) -> dict:
     return zero_settings(load_ds_config(ds_config_path(cfg)), cfg.trainer.zero_stage or 3)
 
 
+def _compile_line(cfg: RunConfig, sp: int, stage: int) -> str:
+    from toolkit.train.build import compile_mode_for
+
+    mode = compile_mode_for(cfg, "cuda", sp, stage)
+    return {"block": "block (each whole block; step 1 runs eagerly, step 2 compiles)",
+            "elementwise": "elementwise (the norms, RoPE and modulation)", "none": "none (eager)"}[mode]
+
+
 def describe_plan(cfg: RunConfig, world_size: int, gpu_memory_bytes: float = 80e9, policy: str | None = None) -> list[str]:
     """The lines `--dry-run` prints."""
     config = resolve_dit_config(cfg.model.model_size)
@@ -149,6 +157,7 @@ def describe_plan(cfg: RunConfig, world_size: int, gpu_memory_bytes: float = 80e
         f"layout: {world_size} GPUs = data-parallel {dp} x sequence-parallel {sp}; micro-batch {batch}, "
         f"accumulation {cfg.trainer.grad_accum_iter}, global batch {global_batch}; ZeRO stage {stage} ({cfg.trainer.ds_config})",
         f"FLOPs per optimizer step: {flops / 1e15:.2f} PFLOP (model FLOPs, recompute not counted)",
+        f"torch.compile on the GPUs (model.config.compile={cfg.model.compile}): {_compile_line(cfg, sp, stage)}",
     ]
     if offload:
         lines.append(f"base parameters offloaded (offload_param): {2 * total / (world_size * GIB):.1f} GiB of pinned host "
