@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.report import card_suffix, cpu_name, host_table, machine_fields
+from toolkit.model import resolve_dit_config
 from toolkit.model.fused import COMPILE_MODES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "output_proj", "mlp.layer1", "mlp.layer2"]
-BLOCKS_2B = 28
+BLOCKS_2B = resolve_dit_config("2B").num_blocks  # 28
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _model(num_blocks: int, mode: str, policy: str, device: torch.device):
     from toolkit.lora.apply import apply_lora
     from toolkit.lora.fused import fuse_lora_linears
-    from toolkit.model import build_dit, resolve_dit_config
+    from toolkit.model import build_dit
     from toolkit.model.fused import apply_compile, describe_compile
     from toolkit.parallel.checkpointing import apply_activation_checkpointing
 

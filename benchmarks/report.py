@@ -203,7 +203,7 @@ def exchange_table(files: list[dict]) -> list[str]:
 def host_table(files: list[dict]) -> list[str]:
     """benchmarks/host_overhead.py's rows: the host's milliseconds per block of a LoRA forward+backward, by compile mode."""
     header = ("| device | host CPU | threads | compile | checkpointing | ms/step at few, many blocks | ms per block "
-              "| aten calls per block | x 28 blocks (2B step) ms |")
+              "| aten calls per block | x the 2B's blocks (one 2B step) ms |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for f in files:
         for r in f["rows"]:
