@@ -82,18 +82,32 @@ def _floor(r: dict, kind: str) -> float:
     return per_sample * r["dp"] / (r["median_s_per_iter"] * r["world_size"])
 
 
+def table_head(header: str) -> list[str]:
+    """A markdown table's header line and its separator."""
+    return [header, "|" + "---|" * (header.count("|") - 1)]
+
+
 def _rows(prefix: str) -> list[dict]:
     return [json.loads(p.read_text()) | {"file": p.name} for p in sorted(RESULTS.glob(f"{prefix}_*.json"))]
 
 
-def _reference_times(rows: list[dict]) -> dict[tuple, float]:
-    """Fastest single-GPU LoRA step per (card, size, resolution, compile, attention kernel): the base of the scaling
-    efficiency, so each multi-GPU row is compared with one GPU running the same kernels."""
+def _kernels(r: dict) -> tuple:
+    """(card, size, resolution, compile, attention kernel): one GPU running the same kernels as row `r`."""
+    return card(r.get("gpu")), r["size"], r["resolution"], r.get("compile", "none"), r["attention_backend"]
+
+
+def _kernel_and_zero(r: dict) -> tuple:
+    """(card, size, resolution, attention kernel, ZeRO stage): the fallback when no 1-GPU row has `r`'s compile mode."""
+    return card(r.get("gpu")), r["size"], r["resolution"], r["attention_backend"], r["zero_stage"]
+
+
+def _reference_times(rows: list[dict], key=_kernels) -> dict[tuple, float]:
+    """Fastest single-GPU LoRA step per `key` (default: the same kernels): the base of the scaling efficiency, so each
+    multi-GPU row is compared with one GPU running the same kernels."""
     best: dict[tuple, float] = {}
     for r in rows:
         if r["mode"] == "lora" and r["world_size"] == 1:
-            key = (card(r.get("gpu")), r["size"], r["resolution"], r.get("compile", "none"), r["attention_backend"])
-            best[key] = min(best.get(key, float("inf")), r["median_s_per_iter"])
+            best[key(r)] = min(best.get(key(r), float("inf")), r["median_s_per_iter"])
     return best
 
 
@@ -103,17 +117,14 @@ def train_table(rows: list[dict], fa4_rates: dict[tuple, float] | None = None) -
     measured forward+backward rate (FLOP/s by (card, "2B 720p"), from the attention kernel files)."""
     head = ("| card | mode | size | res | GPUs | SP | ZeRO | ckpt | attention | compile | s/it | samples/s | tokens/s/GPU | MFU "
             "| of kernel ceiling | scaling vs 1 GPU | peak alloc GiB | peak reserved GiB | first loss | tag |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    single = _reference_times(rows)
+    lines = table_head(head)
+    single, fallback = _reference_times(rows), _reference_times(rows, _kernel_and_zero)
     marked = False
     for r in sorted(rows, key=lambda r: (card(r.get("gpu")), r["size"], r["resolution"], r["mode"], r["world_size"], r["median_s_per_iter"])):
-        key = (card(r.get("gpu")), r["size"], r["resolution"], r.get("compile", "none"), r["attention_backend"])
-        base, mark = single.get(key), ""
+        base, mark = single.get(_kernels(r)), ""
         if base is None:  # no 1-GPU row of this compile mode: the fastest 1-GPU row of the same kernel and ZeRO stage
-            others = [o["median_s_per_iter"] for o in rows if o["mode"] == "lora" and o["world_size"] == 1
-                      and (card(o.get("gpu")), o["size"], o["resolution"], o["attention_backend"], o["zero_stage"])
-                      == key[:3] + (r["attention_backend"], r["zero_stage"])]
-            base, mark = (min(others), "†") if others else (None, "")
+            base = fallback.get(_kernel_and_zero(r))
+            mark = "†" if base else ""
         # per sample: a data-parallel row (SP < GPUs) processes several samples per iteration
         scaling = f"{base * r['samples_per_s'] / r['world_size']:.0%}{mark}" if base and r["world_size"] > 1 and r["mode"] == "lora" else "-"
         marked = marked or bool(mark and scaling != "-")
@@ -153,7 +164,7 @@ def fa4_rates(kernel_files: list[dict]) -> dict[tuple, float]:
 def generate_table(rows: list[dict]) -> list[str]:
     header = ("| card | size | res | GPUs | attention | compile | s per guided step | of kernel ceiling | VAE encode s "
               "| VAE decode s | s per video (extrapolated) | s per video (measured) | upstream s per video (1 H100) | tag |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    lines = table_head(header)
     for r in sorted(rows, key=lambda r: (card(r.get("gpu")), r["size"], r["resolution"], r["world_size"], r.get("tag", ""))):
         upstream = UPSTREAM_GENERATE.get((r["size"], r["resolution"]))
         # rows from before the conditioning-frames-only encode timed the whole clip
@@ -171,7 +182,7 @@ def attention_table(files: list[dict]) -> list[str]:
     """One line per (card, shape, kernel) of benchmarks/attention_kernels.py's files."""
     header = ("| card | run | shape | query x key tokens | heads | kernel | forward ms | forward TFLOP/s | fwd+bwd ms "
               "| fwd+bwd TFLOP/s | max abs diff vs cuDNN: out / grads | max abs error vs float32: out / grads |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    lines = table_head(header)
     for f in files:
         for r in f["rows"]:
             cells = [f"{r[key] * 1e3:.2f}" if key in r else "-" for key in ("forward_s",)]
@@ -190,7 +201,7 @@ def exchange_table(files: list[dict]) -> list[str]:
     """benchmarks/sequence_exchange.py's rows: one self-attention's Ulysses exchange, fused against DeepSpeed's."""
     header = ("| card | size | res | SP | message MB per tensor | fused fwd+bwd ms | DistributedAttention fwd+bwd ms "
               "| per step (all blocks), fused s | per step, DistributedAttention s | one all-to-all ms | GB/s | same result |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    lines = table_head(header)
     for f in files:
         for r in f["rows"]:
             lines.append(f"| {card(f.get('gpu'))} | {r['size']} | {r['resolution']}p | {r['sp']} | {r['message_mb']:.1f} "
@@ -204,7 +215,7 @@ def host_table(files: list[dict]) -> list[str]:
     """benchmarks/host_overhead.py's rows: the host's milliseconds per block of a LoRA forward+backward, by compile mode."""
     header = ("| device | host CPU | threads | compile | checkpointing | ms/step at few, many blocks | ms per block "
               "| aten calls per block | x the 2B's blocks (one 2B step) ms |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    lines = table_head(header)
     for f in files:
         for r in f["rows"]:
             few, many = r["blocks"]
@@ -219,7 +230,7 @@ def lead_table(rows: list[dict]) -> list[str]:
     against the one before the fused exchange and LoRA forward, alternating in one process."""
     header = ("| card | size | res | GPUs | SP | attention | s/it | GPU's own s/it (host lead ms) | alternating: configured s/it "
               "| alternating: before s/it | before / configured | tag |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    lines = table_head(header)
     for r in rows:
         if "gpu_s_per_iter" not in r and "alternate_s_per_iter" not in r:
             continue

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from benchmarks.report import card_suffix, machine_fields
+from benchmarks.report import card_suffix, machine_fields, table_head
 from toolkit.encoders.latent_grid import latent_shape
 from toolkit.experiments import VIDEO_SIZES
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         fields = machine_fields(device)
         header = ("| size | res | SP | message MB | fused fwd+bwd ms | deepspeed fwd+bwd ms | per step, fused s | "
                   "per step, deepspeed s | one all-to-all ms | GB/s | same result |")
-        lines = [header, "|" + "---|" * (header.count("|") - 1)]
+        lines = table_head(header)
         for r in rows:
             lines.append(f"| {r['size']} | {r['resolution']}p | {r['sp']} | {r['message_mb']:.1f} | {r['fused_ms']:.2f} | "
                          f"{r['deepspeed_ms']:.2f} | {r['step_exchange_s_fused']:.3f} | {r['step_exchange_s_deepspeed']:.3f} | "

@@ -128,6 +128,11 @@ def choose_compile(cfg: RunConfig, topology: Topology, ds_config: dict) -> str:
     return compile_mode_for(cfg, topology.device.type, topology.sp_size, _zero_stage(ds_config))
 
 
+COMPILE_NOTES = {"block": "each whole block; step 1 runs eagerly, step 2 compiles",
+                 "elementwise": "the norms, RoPE and modulation", "none": "eager"}
+"""What each resolved `model.config.compile` mode means, for the trainer's log and the `--dry-run` plan."""
+
+
 def compile_mode_for(cfg: RunConfig, device_type: str, sp_size: int, zero_stage: int) -> str:
     """`choose_compile` from plain values (the `--dry-run` plan asks it for GPUs it does not have)."""
     mode = resolve_compile_mode(cfg.model.compile, device_type)

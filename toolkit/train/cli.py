@@ -76,6 +76,7 @@ def _train(cfg, args, warnings_: list[str]) -> int:
     from toolkit.config import run_dir
     from toolkit.ds_config import DeepSpeedConfigError, resolve_ds_config
     from toolkit.parallel.topology import init_distributed, shutdown_distributed
+    from toolkit.train.build import COMPILE_NOTES
     from toolkit.train.loop import NonFiniteLossError, ResumeMismatchError, train
     from toolkit.train.session import build_session
 
@@ -98,8 +99,7 @@ def _train(cfg, args, warnings_: list[str]) -> int:
         for line in session.assembled.lora.lines():
             print(line)
         print(f"activation checkpointing: {session.assembled.checkpointing}; sequence parallel: {session.assembled.sp_size}; "
-              f"compile: {session.assembled.compile}"
-              + (" (step 1 runs eagerly, step 2 compiles)" if session.assembled.compile == "block" else ""))
+              f"compile: {session.assembled.compile} ({COMPILE_NOTES[session.assembled.compile]})")
     try:
         summary = train(session, log=print if topology.is_main else (lambda *a: None))
     except (NonFiniteLossError, ResumeMismatchError) as err:

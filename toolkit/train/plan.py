@@ -130,11 +130,10 @@ def configured_zero_settings(cfg: RunConfig) -> dict:
 
 
 def _compile_line(cfg: RunConfig, sp: int, stage: int) -> str:
-    from toolkit.train.build import compile_mode_for
+    from toolkit.train.build import COMPILE_NOTES, compile_mode_for
 
     mode = compile_mode_for(cfg, "cuda", sp, stage)
-    return {"block": "block (each whole block; step 1 runs eagerly, step 2 compiles)",
-            "elementwise": "elementwise (the norms, RoPE and modulation)", "none": "none (eager)"}[mode]
+    return f"{mode} ({COMPILE_NOTES[mode]})"
 
 
 def describe_plan(cfg: RunConfig, world_size: int, gpu_memory_bytes: float = 80e9, policy: str | None = None) -> list[str]:
