@@ -9,8 +9,8 @@
 #                                                           # FlashAttention-4 installed fa4train fa4train14b;
 #                                                           # sp480 (the Ulysses exchange), lorafuse (LoRA forward),
 #                                                           # host (the host's cost per block, eager vs compiled);
-#                                                           # blockc, blockc2 (compile=block on 4 / 2 GPUs; only
-#                                                           # when named);
+#                                                           # blockc, blockc14, blockc2 (compile=block on 4 / 2
+#                                                           # GPUs; only when named);
 #                                                           # MIN_GPUS=2 skips 1-GPU rows
 #
 # Checks inside: SP=2/4 first-step loss equals SP=1 (the `first loss` column), LoRA generation on 1 and 2 GPUs gives
@@ -107,7 +107,7 @@ fi
 # then the SP=4 and SP=2 rows with the defaults, each also run behind a queued GPU sleep (--host_lead_ms: the GPU's own
 # step time) and alternating step by step with the step as it was before both changes (--alternate).
 # lorafuse: the 1-GPU rows side by side, one GPU each: 720p and 480p with the fused LoRA forward and with PEFT's.
-AB=$([ "$FA4" = 1 ] && echo fa4 || echo cudnn)
+AB=$([ "${FA4:-0}" = 1 ] && echo fa4 || echo cudnn)
 S2B="--size 2B --ds_config ds_configs/2b_replicated_base.json --attention_backend $AB"
 run sp480 4 120 $TR --nproc_per_node=4 -m benchmarks.sequence_exchange
 run sp480 2 120 env CUDA_VISIBLE_DEVICES=0,1 $TR --nproc_per_node=2 -m benchmarks.sequence_exchange
@@ -129,29 +129,29 @@ for round in 1 2; do
   run host 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 480 --sp 4 --checkpointing auto --steps 8 --host_lead_ms 1200 --compile none --tag replicated_base_${AB}_eager_$round
   run host 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 480 --sp 4 --checkpointing auto --steps 8 --host_lead_ms 1200 --compile elementwise --tag replicated_base_${AB}_elementwise_$round
 done
-# blockc: model.config.compile=block (each whole block through torch.compile; the training default) against elementwise: the
-# 1-GPU 720p pair side by side, then 2B 480p SP=4 in two rounds (its steps drift from run to run), 2B 720p SP=4, and
-# the 14B 720p SP=4 with the replicated base. Not in `all`: name it.
+# blockc: model.config.compile=block (each whole block through torch.compile; the training default) against elementwise:
+# on 4 GPUs the 1-GPU pairs at 720p and 480p side by side (one GPU each), then 2B 480p SP=4 in rounds (its steps
+# drift from run to run; BLOCK_ROUNDS="1 2" by default). blockc14: 2B 720p SP=4 and the 14B 720p SP=4 (replicated
+# base) under block. Not in `all`: name them.
 if [[ " $SETS " == *" blockc "* ]]; then
-  AB=$([ "$FA4" = 1 ] && echo fa4 || echo cudnn)
-  S2B="--size 2B --ds_config ds_configs/2b_replicated_base.json --attention_backend $AB"
-  if [ "$GPUS" -ge 2 ]; then
-    runbg blockc 2 400 b720 env CUDA_VISIBLE_DEVICES=0 python3 $TT $S2B --checkpointing selective --resolution 720 --steps 3 --compile block --tag replicated_base_${AB}_block
-    runbg blockc 2 400 e720 env CUDA_VISIBLE_DEVICES=1 python3 $TT $S2B --checkpointing selective --resolution 720 --steps 3 --compile elementwise --tag replicated_base_${AB}_elementwise
+  if [ "$GPUS" -ge 4 ]; then
+    for mode in block elementwise; do
+      gpu=$([ $mode = block ] && echo 0 || echo 1)
+      runbg blockc 4 400 ${mode}720 env CUDA_VISIBLE_DEVICES=$gpu python3 $TT $S2B --checkpointing selective --resolution 720 --steps 3 --compile $mode --tag replicated_base_${AB}_$mode
+      runbg blockc 4 400 ${mode}480 env CUDA_VISIBLE_DEVICES=$((gpu + 2)) python3 $TT $S2B --checkpointing selective --resolution 480 --steps 5 --compile $mode --tag replicated_base_${AB}_$mode
+    done
     finish
   fi
-  for round in 1 2; do
+  for round in ${BLOCK_ROUNDS:-1 2}; do
     run blockc 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 480 --sp 4 --checkpointing auto --steps 8 --host_lead_ms 1200 --compile block --tag replicated_base_${AB}_block_$round
     run blockc 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 480 --sp 4 --checkpointing auto --steps 8 --host_lead_ms 1200 --compile elementwise --tag replicated_base_${AB}_elementwise_$round
   done
-  run blockc 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 720 --sp 4 --checkpointing auto --steps 3 --compile block --tag replicated_base_${AB}_block
-  run blockc 4 300 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2 --ds_config ds_configs/14b_replicated_base.json --attention_backend $AB --compile block --tag replicated_base_${AB}_block
 fi
+run blockc14 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 720 --sp 4 --checkpointing auto --steps 3 --compile block --tag replicated_base_${AB}_block
+run blockc14 4 330 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2 --ds_config ds_configs/14b_replicated_base.json --attention_backend $AB --compile block --tag replicated_base_${AB}_block
 # blockc2: the same comparison where two GPUs are lent: 2B 480p SP=2, block against elementwise in two rounds, each
 # behind a queued GPU sleep (the GPU's own s/it next to the host-bound one). Not in `all`: name it.
 if [[ " $SETS " == *" blockc2 "* ]]; then
-  AB=$([ "$FA4" = 1 ] && echo fa4 || echo cudnn)
-  S2B="--size 2B --ds_config ds_configs/2b_replicated_base.json --attention_backend $AB"
   for round in 1 2; do
     run blockc2 2 220 env CUDA_VISIBLE_DEVICES=0,1 $TR --nproc_per_node=2 $TT $S2B --resolution 480 --sp 2 --checkpointing auto --steps 6 --host_lead_ms 2000 --compile block --tag replicated_base_${AB}_block_$round
     run blockc2 2 220 env CUDA_VISIBLE_DEVICES=0,1 $TR --nproc_per_node=2 $TT $S2B --resolution 480 --sp 2 --checkpointing auto --steps 6 --host_lead_ms 2000 --compile elementwise --tag replicated_base_${AB}_elementwise_$round

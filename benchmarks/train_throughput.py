@@ -234,8 +234,6 @@ def run_lora(args) -> dict:
     optimizer = build_optimizer(params, o.lr, o.weight_decay, o.betas, o.eps)
     _, engine, _ = build_engine(assembled.model, optimizer, ds_config, topo.device)
     build_seconds = time.perf_counter() - build_start
-    if assembled.compile == "block":  # each block's first call runs eagerly, so its second step compiles: warm up past it
-        args.warmup += 1
     # weights, LoRA, optimizer state and engine buffers before the first step (the static part of the peak)
     static_gib = torch.cuda.memory_allocated(topo.device) / 2**30 if topo.device.type == "cuda" else None
     split = assembled.model.sequence_parallel.split if assembled.sp_size > 1 else None

@@ -103,32 +103,79 @@ def test_compile_modes():
     assert all(block.elementwise is EAGER for block in model.blocks)
 
 
+def _live_saved_bytes_after_forward(model) -> int:
+    """Bytes autograd holds for backward once `model`'s forward returns (a probe's graph, dropped, holds none)."""
+    import weakref
+
+    class Held:
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+    held = weakref.WeakSet()
+
+    def pack(tensor):
+        holder = Held(tensor.detach())  # detached: holding a node's own output would be a cycle gc cannot see
+        held.add(holder)
+        return holder
+
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(1, 16, 3, 16, 24, generator=g), torch.rand(1, 3, generator=g)
+    text = torch.randn(1, 512, 1024, generator=g) * 0.1
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.tensor):
+        out = model(x, t, text, torch.zeros(1, 1, 3, 16, 24))
+    import gc
+
+    gc.collect()
+    live = sum(h.tensor.untyped_storage().nbytes() for h in list(held))
+    del out
+    return live
+
+
 @needs_compiler
 @pytest.mark.parametrize("policy", ["none", "selective", "full"])
 def test_block_compile_equals_eager_and_shares_one_graph(policy):
     """compile=block: each whole block (its checkpointing included) through torch.compile, with no graph break (a
     break inside a checkpointed block ran it eagerly: seen on an H100 as a 2B step 24% slower than elementwise); the
-    first call is eager and records the attention backend; the blocks share one compiled graph; results equal eager
-    to float rounding."""
+    first call probes each block eagerly (recording the attention backend), drops the probe and runs compiled; the
+    blocks share one compiled graph that later calls reuse; results equal eager to float rounding."""
     torch._dynamo.reset()
     counters.clear()
     eager, compiled = _pair(torch.float32, policy, "block")
     out_e, grads_e = _run(eager, torch.float32)
-    _run(compiled, torch.float32)  # the eager first call
-    assert compiled.attention.backend_used == "cpu-default" and counters["stats"].get("unique_graphs", 0) == 0
-    compiled.zero_grad(set_to_none=True)
-    out_c, grads_c = _run(compiled, torch.float32)
+    out_c, grads_c = _run(compiled, torch.float32)  # probe, then compiled, in the first call
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert len(compiled.blocks) == 2 and counters["stats"]["unique_graphs"] == 1  # both blocks run one graph
     assert describe_compile(compiled) == "block" and describe_compile(eager) == "none"
     assert elementwise_of(compiled) is EAGER  # the block's graph fuses the elementwise maths itself
     assert compiled.attention.backend_used == "cpu-default"
     torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
-    for name, grad in grads_e.items():
+    for name, grad in grads_e.items():  # the probe's result is dropped: it adds nothing to the gradients
         scale = grad.abs().max().item() or 1.0
         torch.testing.assert_close(grads_c[name] / scale, grad / scale, rtol=1e-5, atol=1e-6, msg=name)
+    compiled.zero_grad(set_to_none=True)
+    _run(compiled, torch.float32)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # the second call recompiles nothing
     with pytest.raises(RuntimeError, match="already applied"):
         apply_compile(compiled, "block", "cpu")
+
+
+@needs_compiler
+def test_block_compile_probe_holds_nothing_for_backward():
+    """The first call's eager probe frees its autograd graph when it returns: after the first forward autograd holds
+    what the second call's forward holds (an eager first step had held every block's uncompiled set at the peak)."""
+    torch._dynamo.reset()
+    _, compiled = _pair(torch.float32, "none", "block")
+    first = _live_saved_bytes_after_forward(compiled)
+    assert all(vars(block)["forward"].probes_left == 0 for block in compiled.blocks)
+    second = _live_saved_bytes_after_forward(compiled)
+    assert first == second > 0
+    probe = vars(compiled.blocks[0])["forward"]
+    probe.probes_left = 1  # a probe whose graph stayed alive would show here as the probe's bytes on top
+    kept = []
+    eager_fn = probe.eager
+    probe.eager = lambda *a, **k: kept.append(eager_fn(*a, **k))
+    assert _live_saved_bytes_after_forward(compiled) > second
+    kept.clear()
 
 
 def test_block_compile_refuses_zero3():

@@ -63,7 +63,7 @@ class SDPAttention:
     def _record(self, name: str) -> None:
         """Note the backend that ran. Not while torch.compile traces: a store to this object inside a checkpointed
         block is a graph break (Dynamo's "non-nullified side effect" in a higher-order op), which left every
-        checkpointed block eager under compile=block; that mode runs each block's first call eagerly, which records."""
+        checkpointed block eager under compile=block; that mode probes each block once eagerly first, which records."""
         if not torch.compiler.is_compiling():
             self.backend_used = name
 

@@ -10,8 +10,10 @@ agree to bf16 rounding (fp32: to float rounding).
 `block` compiles each whole transformer block instead: its checkpointing, LoRA layers, attention call and the
 Ulysses exchange trace into one graph, shared by the blocks of a model, so the host issues a few dozen kernels per
 block instead of hundreds of operator calls (on an H100 host 4.0 ms per block against elementwise's 9.8), and Inductor
-fuses across the block (the 2B step 3-6% faster on the GPU). Each block's first call runs eagerly (it records what it
-resolves, such as the attention backend). It needs the frozen base unpartitioned (ZeRO-3's parameter hooks do not
+fuses across the block (the 2B step 3-6% faster on the GPU). Each block's first call runs it once eagerly on detached
+inputs and drops the result (a probe: it records what it resolves, such as the attention backend, which a traced call
+must not write), then runs the compiled graph; the probe holds one block's activations for a moment, where an eager
+first step had held every block's uncompiled set at the step's peak (2.5 GiB more on a 2B 480p SP=4 H100). It needs the frozen base unpartitioned (ZeRO-3's parameter hooks do not
 trace); training's `auto` picks it where that holds (`toolkit.train.build.choose_compile`); `resolve_compile_mode`
 below, which sampling uses, keeps `auto` = `elementwise`.
 
@@ -26,6 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 
 COMPILE_MODES = ("none", "elementwise", "block", "auto")
 
@@ -66,21 +69,23 @@ _FUNCTIONS = {
 
 
 class _CompiledOrEager:
-    """A compiled function that falls back to its eager twin, with one warning, if compilation fails. `eager_first`:
-    the first call runs eagerly (a block's: it records what it resolves, such as the attention backend, which a traced
-    call must not write)."""
+    """A compiled function that falls back to its eager twin, with one warning, if compilation fails. `probe_first`:
+    the first call first runs the eager function on detached inputs and drops its result (a block's: it records what
+    it resolves, such as the attention backend, which a traced call must not write; its autograd graph and saved
+    tensors are freed when the call returns), then the compiled one."""
 
-    def __init__(self, name: str, fn: Callable, eager_first: bool = False) -> None:
-        self.name, self.eager, self.eager_calls_left = name, fn, int(eager_first)
+    def __init__(self, name: str, fn: Callable, probe_first: bool = False) -> None:
+        self.name, self.eager, self.probes_left = name, fn, int(probe_first)
         options = {"emulate_precision_casts": True} if _inductor_has("emulate_precision_casts") else None
         # static shapes: a handful per function (q/k, text keys, the timestep norm), each with its own kernels
         self.compiled = torch.compile(fn, dynamic=False, options=options)
         self.failed: str | None = None
 
     def __call__(self, *args, **kwargs):
-        if self.eager_calls_left:
-            self.eager_calls_left -= 1
-            return self.eager(*args, **kwargs)
+        if self.probes_left:
+            self.probes_left -= 1
+            probe_args, probe_kwargs = tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, (args, kwargs))
+            self.eager(*probe_args, **probe_kwargs)
         if self.failed is None:
             try:
                 return self.compiled(*args, **kwargs)
@@ -149,7 +154,7 @@ def apply_compile(model: nn.Module, mode: str, device: torch.device | str) -> st
         for i, block in enumerate(model.blocks):
             if isinstance(vars(block).get("forward"), _CompiledOrEager):
                 raise RuntimeError("compile=block is already applied to this model")
-            block.forward = _CompiledOrEager(f"block {i}", block.forward, eager_first=True)
+            block.forward = _CompiledOrEager(f"block {i}", block.forward, probe_first=True)
     return mode
 
 

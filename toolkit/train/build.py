@@ -128,7 +128,7 @@ def choose_compile(cfg: RunConfig, topology: Topology, ds_config: dict) -> str:
     return compile_mode_for(cfg, topology.device.type, topology.sp_size, _zero_stage(ds_config))
 
 
-COMPILE_NOTES = {"block": "each whole block; step 1 runs eagerly, step 2 compiles",
+COMPILE_NOTES = {"block": "each whole block; step 1 probes each block once eagerly, then compiles",
                  "elementwise": "the norms, RoPE and modulation", "none": "eager"}
 """What each resolved `model.config.compile` mode means, for the trainer's log and the `--dry-run` plan."""
 
