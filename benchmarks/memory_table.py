@@ -56,7 +56,8 @@ def against_results() -> list[str]:
     lines = ["| row | card | compile | estimate GiB | measured GiB | error |", "|---|---|---|---|---|---|"]
     for name, r, compile_mode, estimate in estimates_against_results():
         measured = r["peak_allocated_gib"]
-        lines.append(f"| {name} | {card(r.get('gpu'))} | {compile_mode} | {estimate:.1f} | {measured:.1f} "
+        label = f"{compile_mode}, eager step 1" if r.get("first_step") == "eager" else compile_mode  # before the probe
+        lines.append(f"| {name} | {card(r.get('gpu'))} | {label} | {estimate:.1f} | {measured:.1f} "
                      f"| {(estimate - measured) / measured:+.0%} |")
     return lines
 

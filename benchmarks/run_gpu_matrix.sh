@@ -10,7 +10,8 @@
 #                                                           # sp480 (the Ulysses exchange), lorafuse (LoRA forward),
 #                                                           # host (the host's cost per block, eager vs compiled);
 #                                                           # blockc, blockc14, blockc2 (compile=block on 4 / 2
-#                                                           # GPUs; only when named);
+#                                                           # GPUs; only when named); scale14 (the 14B from
+#                                                           # one GPU to SP=4 at 480p; only when named);
 #                                                           # MIN_GPUS=2 skips 1-GPU rows
 #
 # Checks inside: SP=2/4 first-step loss equals SP=1 (the `first loss` column), LoRA generation on 1 and 2 GPUs gives
@@ -134,7 +135,7 @@ done
 # drift from run to run; BLOCK_ROUNDS="1 2" by default). blockc14: 2B 720p SP=4 and the 14B 720p SP=4 (replicated
 # base) under block. Not in `all`: name them.
 if [[ " $SETS " == *" blockc "* ]]; then
-  if [ "$GPUS" -ge 4 ]; then
+  if [ "$GPUS" -ge 4 ] && [ "${BLOCK_PAIRS:-1}" = 1 ]; then   # BLOCK_PAIRS=0: only the SP=4 rounds
     for mode in block elementwise; do
       gpu=$([ $mode = block ] && echo 0 || echo 1)
       runbg blockc 4 400 ${mode}720 env CUDA_VISIBLE_DEVICES=$gpu python3 $TT $S2B --checkpointing selective --resolution 720 --steps 3 --compile $mode --tag replicated_base_${AB}_$mode
@@ -147,8 +148,18 @@ if [[ " $SETS " == *" blockc "* ]]; then
     run blockc 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 480 --sp 4 --checkpointing auto --steps 8 --host_lead_ms 1200 --compile elementwise --tag replicated_base_${AB}_elementwise_$round
   done
 fi
-run blockc14 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 720 --sp 4 --checkpointing auto --steps 3 --compile block --tag replicated_base_${AB}_block
+for mode in ${BLOCK14_MODES:-block}; do   # BLOCK14_MODES="block elementwise": the 2B row's elementwise twin too
+  run blockc14 4 200 $TR --nproc_per_node=4 $TT $S2B --resolution 720 --sp 4 --checkpointing auto --steps 3 --compile $mode --tag replicated_base_${AB}_$mode
+done
 run blockc14 4 330 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2 --ds_config ds_configs/14b_replicated_base.json --attention_backend $AB --compile block --tag replicated_base_${AB}_block
+# scale14: Ulysses scaling of the 14B from one GPU at 480p: with the replicated base (selective, cuDNN, elementwise)
+# on 1 GPU and at SP=4, the SP=4 row with ZeRO-3 (14b.json) beside it, and the SP=4 row with the defaults (FA4 where
+# installed, block compile). Not in `all`: name it.
+S14R="--size 14B --resolution 480 --checkpointing selective --steps 3 --ds_config ds_configs/14b_replicated_base.json"
+run scale14 4 240 $ONE python3 $TT $S14R --attention_backend cudnn --compile elementwise --tag replicated_base
+run scale14 4 240 $TR --nproc_per_node=4 $TT $S14R --sp 4 --attention_backend cudnn --compile elementwise --tag replicated_base
+run scale14 4 300 $TR --nproc_per_node=4 $TT --size 14B --resolution 480 --sp 4 --checkpointing selective --steps 3 --ds_config ds_configs/14b.json --attention_backend cudnn --compile elementwise
+run scale14 4 240 $TR --nproc_per_node=4 $TT --size 14B --resolution 480 --sp 4 --checkpointing auto --steps 3 --ds_config ds_configs/14b_replicated_base.json --tag replicated_base_$AB
 # blockc2: the same comparison where two GPUs are lent: 2B 480p SP=2, block against elementwise in two rounds, each
 # behind a queued GPU sleep (the GPU's own s/it next to the host-bound one). Not in `all`: name it.
 if [[ " $SETS " == *" blockc2 "* ]]; then

@@ -186,7 +186,7 @@ def test_memory_plan_against_every_measured_row():
     assert {line.split("|")[1].strip() for line in lines} == measured and measured
     for line in lines:
         compile_mode, estimate, peak, error = (cell.strip() for cell in line.split("|")[3:7])
-        assert compile_mode in ("none", "elementwise", "block") and float(estimate) > 0 and float(peak) > 0
+        assert compile_mode in ("none", "elementwise", "block", "block, eager step 1") and float(estimate) > 0 and float(peak) > 0
         assert error[0] in "+-" and error.endswith("%")
 
 

@@ -134,6 +134,32 @@ def test_offloaded_base_leaves_only_the_gathered_working_set_on_the_gpu():
     assert two_samples[-1].startswith("does not fit") and "14b_offload" not in two_samples[-1]
 
 
+def test_plan_names_the_replicated_base_where_it_fits_a_zero3_run():
+    """A 14B ZeRO-3 run is told about ds_configs/14b_replicated_base.json when that fits with a checkpointing policy
+    no more expensive than ZeRO-3's; not when it would need more recompute, not where nothing fits, not with the base
+    offloaded or already whole."""
+    from toolkit.train.plan import replicated_base_hint
+
+    def cfg(size, sp, *extra):
+        return load_run_config(f"predict2_video2world_lora_training_{size}_custom_data", None, [
+            "model.config.resolution=720", "dataloader_train.dataset.video_size=[704,1280]",
+            "dataloader_train.batch_size=1", f"model_parallel.context_parallel_size={sp}", *extra])
+
+    h100 = 80 * 2**30
+    hint = replicated_base_hint(cfg("14b", 4), 4, h100)
+    assert hint.startswith("faster where it fits: trainer.ds_config=ds_configs/14b_replicated_base.json")
+    assert "checkpointing=selective" in hint and "ZeRO-3 needs selective" in hint
+    assert any(line == hint for line in describe_plan(cfg("14b", 4), 4, h100))
+    assert "checkpointing=full" in replicated_base_hint(cfg("14b", 2), 2, h100)  # ZeRO-3 needs full at SP=2 too
+    # a 60 GiB card: ZeRO-3 fits selective recompute, the replicated base only full recompute: no hint
+    assert replicated_base_hint(cfg("14b", 4), 4, 60 * 2**30) is None
+    assert replicated_base_hint(cfg("14b", 1), 1, h100) is None  # nothing fits on one GPU at 720p
+    assert replicated_base_hint(cfg("14b", 1, "trainer.ds_config=ds_configs/14b_offload.json"), 1, h100) is None
+    assert replicated_base_hint(cfg("2b", 1), 1, h100) is None  # the 2B's default already keeps its base whole
+    assert replicated_base_hint(cfg("2b", 4, "trainer.ds_config=ds_configs/2b.json"), 4, h100).startswith(
+        "faster where it fits: trainer.ds_config=ds_configs/2b_replicated_base.json")
+
+
 def test_plan_reads_the_live_parameter_budget_from_the_deepspeed_json():
     from toolkit.train.plan import parameter_counts, zero_settings
 
@@ -173,7 +199,15 @@ def test_memory_estimate_tracks_compile_and_zero_init():
     eager = activations("2b", ["model.config.compile=none"], 1, "none", 2)
     compiled = activations("2b", ["model.config.compile=elementwise"], 1, "none", 2)
     assert compiled / eager == pytest.approx((48 * 28 + BACKWARD_BYTES_PER_TOKEN_PER_D) / (54 * 28 + BACKWARD_BYTES_PER_TOKEN_PER_D))
-    sp2 = ["model_parallel.context_parallel_size=2"]
+    # block compile keeps the elementwise set without recompute, and recomputes a block in 36 D instead of 48 D
+    assert activations("2b", ["model.config.compile=block"], 1, "none", 2) == compiled
+    b = BACKWARD_BYTES_PER_TOKEN_PER_D
+    block_sel, elem_sel = (activations("2b", [f"model.config.compile={m}"], 1, "selective", 2) for m in ("block", "elementwise"))
+    assert block_sel / elem_sel == pytest.approx((6 * 28 + 36 + b) / (6 * 28 + 48 + b))
+    # auto is planned as what a GPU run resolves: block with the replicated base (ZeRO-2), elementwise under ZeRO-3
+    assert activations("2b", [], 1, "selective", 2) == block_sel
+    assert activations("2b", [], 1, "selective", 3) == elem_sel
+    sp2 = ["model_parallel.context_parallel_size=2", "model.config.compile=elementwise"]  # the same mode at both stages
     zero3 = activations("14b", sp2, 2, "selective", 3)
     assert zero3 / activations("14b", sp2, 2, "selective", 2) == pytest.approx(ZERO_INIT_ACTIVATION_FACTOR)
     # the 2B is never built under zero.Init, so ZeRO-3 does not change its activation estimate

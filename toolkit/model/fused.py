@@ -10,10 +10,10 @@ agree to bf16 rounding (fp32: to float rounding).
 `block` compiles each whole transformer block instead: its checkpointing, LoRA layers, attention call and the
 Ulysses exchange trace into one graph, shared by the blocks of a model, so the host issues a few dozen kernels per
 block instead of hundreds of operator calls (on an H100 host 4.0 ms per block against elementwise's 9.8), and Inductor
-fuses across the block (the 2B step 3-6% faster on the GPU). Each block's first call runs it once eagerly on detached
+fuses across the block (on H100s the 2B step 0-6.5% faster on one GPU, 17-24% at 480p SP=4 where elementwise is host-bound). Each block's first call runs it once eagerly on detached
 inputs and drops the result (a probe: it records what it resolves, such as the attention backend, which a traced call
 must not write), then runs the compiled graph; the probe holds one block's activations for a moment, where an eager
-first step had held every block's uncompiled set at the step's peak (2.5 GiB more on a 2B 480p SP=4 H100). It needs the frozen base unpartitioned (ZeRO-3's parameter hooks do not
+first step had held every block's uncompiled set at the step's peak (2B 480p SP=4 on H100s: 27.1 GiB then, 24.3 now). It needs the frozen base unpartitioned (ZeRO-3's parameter hooks do not
 trace); training's `auto` picks it where that holds (`toolkit.train.build.choose_compile`); `resolve_compile_mode`
 below, which sampling uses, keeps `auto` = `elementwise`.
 

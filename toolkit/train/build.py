@@ -109,22 +109,18 @@ def choose_checkpointing(cfg: RunConfig, topology: Topology, ds_config: dict) ->
         return policy
     if topology.device.type != "cuda":
         return "none"
-    from toolkit.train.plan import estimate_memory, zero_settings
+    from toolkit.train.plan import cheapest_fitting_policy, zero_settings
 
     total = torch.cuda.get_device_properties(topology.device).total_memory
-    zero = zero_settings(ds_config)
-    for candidate in ("none", "selective"):
-        if estimate_memory(cfg, topology.world_size, candidate, **zero).total_bytes < 0.9 * total:
-            return candidate
-    return "full"
+    return cheapest_fitting_policy(cfg, topology.world_size, zero_settings(ds_config), 0.9 * total) or "full"
 
 
 def choose_compile(cfg: RunConfig, topology: Topology, ds_config: dict) -> str:
     """`auto`: on CUDA `block` (each whole block through torch.compile) unless ZeRO-3 partitions the frozen base, whose
     parameter hooks do not trace, or DeepSpeed's `DistributedAttention` does the Ulysses exchange (only the fused
     exchange is traced and tested under `block`), then `elementwise`; `none` on CPU. Measured on H100s against
-    elementwise, same machine: the 2B step 2-6% faster at 720p and 480p on one GPU and at 480p SP=2, and at 480p SP=4
-    the host no longer sets the step time (docs/performance.md)."""
+    elementwise, same machine: the 2B step 0-6.5% faster on one GPU, 1-3% at SP=2 and at 720p SP=4, 17-24% at 480p
+    SP=4 where elementwise is host-bound, with less peak memory (docs/performance.md)."""
     return compile_mode_for(cfg, topology.device.type, topology.sp_size, _zero_stage(ds_config))
 
 
@@ -150,7 +146,9 @@ def check_block_compile(cfg: RunConfig, ds_config: dict) -> None:
     """`model.config.compile=block` traces whole blocks, which ZeRO-3's parameter-gathering hooks do not allow."""
     if cfg.model.compile != "block" or _zero_stage(ds_config) != 3:
         return
-    replicated = {"2B": "ds_configs/2b_replicated_base.json", "14B": "ds_configs/14b_replicated_base.json"}.get(cfg.model.model_size)
+    from toolkit.experiments import REPLICATED_BASE_DS_CONFIGS
+
+    replicated = REPLICATED_BASE_DS_CONFIGS.get(cfg.model.model_size)
     fix = f"trainer.ds_config={replicated} (ZeRO stage 2) or " if replicated else ""
     name = cfg.trainer.ds_config or "the DeepSpeed config"
     raise ValueError(f"model.config.compile=block needs the frozen base unpartitioned, but {name} is ZeRO stage 3, whose "

@@ -100,6 +100,14 @@ def _train(cfg, args, warnings_: list[str]) -> int:
             print(line)
         print(f"activation checkpointing: {session.assembled.checkpointing}; sequence parallel: {session.assembled.sp_size}; "
               f"compile: {session.assembled.compile} ({COMPILE_NOTES[session.assembled.compile]})")
+        if topology.device.type == "cuda":
+            import torch
+
+            from toolkit.train.plan import replicated_base_hint
+
+            hint = replicated_base_hint(cfg, topology.world_size, torch.cuda.get_device_properties(topology.device).total_memory)
+            if hint:
+                print(f"hint: {hint}")
     try:
         summary = train(session, log=print if topology.is_main else (lambda *a: None))
     except (NonFiniteLossError, ResumeMismatchError) as err:

@@ -2,7 +2,8 @@
 
 Memory model (bytes per GPU), fitted to the measured peak allocated memory of every LoRA row in
 benchmarks/results (`python -m benchmarks.memory_table --against_results`: fitted on 21 rows, within 2.5%; of the
-36 rows now, 35 are within 2% and the 14B with its base offloaded is 4% high):
+69 rows measured as runs now start, 67 are within 2% and two within 4%: the 14B with its base offloaded, the
+block-compiled 2B at 480p on one GPU):
 - frozen base: 2 bytes/param (bf16) divided over the ZeRO-3 group, plus the gathered working set: at least three
   blocks (the one in use and the prefetch), and up to stage3_max_live_parameters (1e9 in ds_configs/2b.json and
   14b.json, DeepSpeed's default) when blocks are small: the 2B under ZeRO-3 at SP=2 and SP=4 holds 2.1-2.2 GiB
@@ -15,9 +16,12 @@ benchmarks/results (`python -m benchmarks.memory_table --against_results`: fitte
   EMA copy (4 bytes/param, whole on every rank);
 - activations on this rank's tokens S = L / sp, per block: `none` keeps everything (about 54 D bytes per token
   with eager elementwise maths, 48 D with `model.config.compile` (fewer fp32 intermediates); measured for the 2B
-  at 720p at SP=4 and SP=2; `block` compile is planned as elementwise: measured within 1% on one GPU and at SP=2,
-  but its 2B 480p SP=4 peak is 10% above the plan, not yet explained), `full` keeps the block input (2 D), `selective` the input and the two attention
-  outputs (6 D); recomputation needs one block's full set on top;
+  at 720p at SP=4 and SP=2, and for `block` too: 2B 480p and 720p at SP=4 within 1%), `full` keeps the block
+  input (2 D), `selective` the input and the two attention outputs (6 D); recomputation needs one block's full set
+  on top, about 12 D less under `block` (36 D: its compiled graph frees intermediates the eager recompute holds;
+  measured 1.9 GiB below elementwise on the 2B at 720p on one GPU, 0.8 at 480p, 1.2 on the 14B at 720p SP=4, which
+  is 11.8, 13.5 and 11.9 D bytes per token). The auto mode is planned as what `compile_mode_for` resolves: block
+  where the base is replicated, elementwise under ZeRO-3;
 - the backward working set of the block being differentiated, 13 D bytes per token under every policy: its
   gradient buffers (the gradient of the 4 D-wide MLP hidden is 8 D in bf16, the residual-stream gradients in and
   out 2 D each) sit next to its activations. Fitted on the one-GPU rows (no communication buffers): their peak
@@ -45,7 +49,8 @@ from toolkit.train.metrics import num_tokens, sample_flops
 
 GIB = 1 << 30
 KEPT_BYTES_PER_TOKEN_PER_D = {"full": 2.0, "selective": 6.0}  # `none` keeps a block's full set (below)
-BLOCK_BYTES_PER_TOKEN_PER_D = {"none": 54.0, "elementwise": 48.0}  # one block's full set, by model.config.compile
+BLOCK_BYTES_PER_TOKEN_PER_D = {"none": 54.0, "elementwise": 48.0, "block": 48.0}  # one block's full set, by compile mode
+RECOMPUTE_BYTES_PER_TOKEN_PER_D = {"none": 54.0, "elementwise": 48.0, "block": 36.0}  # one block recomputed, by compile mode
 BACKWARD_BYTES_PER_TOKEN_PER_D = 13.0  # gradient buffers of the block in backward, next to its activations
 OVERHEAD_BYTES = 0.5 * GIB
 ZERO3_MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's default stage3_max_live_parameters (and ds_configs/2b.json's, 14b.json's)
@@ -112,12 +117,12 @@ def estimate_memory(cfg: RunConfig, world_size: int, policy: str, zero_stage: in
     _, t, h, w = cfg.latent_shape()
     tokens = num_tokens(config, t, h, w) * cfg.dataloader_train.batch_size / cfg.model_parallel.context_parallel_size
     d, blocks = config.model_channels, config.num_blocks
-    block_set = BLOCK_BYTES_PER_TOKEN_PER_D["none" if cfg.model.compile == "none" else "elementwise"]  # auto: on GPU
-    kept = (block_set if policy == "none" else KEPT_BYTES_PER_TOKEN_PER_D[policy]) * d * tokens * blocks
-    working = block_set * d * tokens if policy != "none" else 0.0
-    backward = BACKWARD_BYTES_PER_TOKEN_PER_D * d * tokens  # also under `none`: the last block's, at the peak
-    from toolkit.train.build import builds_under_zero_init
+    from toolkit.train.build import builds_under_zero_init, compile_mode_for
 
+    mode = compile_mode_for(cfg, "cuda", cfg.model_parallel.context_parallel_size, zero_stage)  # what a GPU run resolves
+    kept = (BLOCK_BYTES_PER_TOKEN_PER_D[mode] if policy == "none" else KEPT_BYTES_PER_TOKEN_PER_D[policy]) * d * tokens * blocks
+    working = RECOMPUTE_BYTES_PER_TOKEN_PER_D[mode] * d * tokens if policy != "none" else 0.0
+    backward = BACKWARD_BYTES_PER_TOKEN_PER_D * d * tokens  # also under `none`: the last block's, at the peak
     factor = ZERO_INIT_ACTIVATION_FACTOR if builds_under_zero_init(cfg.model.model_size, zero_stage, world_size) else 1.0
     return MemoryEstimate(base, lora_bytes, factor * (kept + working + backward), OVERHEAD_BYTES)
 
@@ -134,6 +139,38 @@ def _compile_line(cfg: RunConfig, sp: int, stage: int) -> str:
 
     mode = compile_mode_for(cfg, "cuda", sp, stage)
     return f"{mode} ({COMPILE_NOTES[mode]})"
+
+
+POLICIES = ("none", "selective", "full")  # cheapest first, as choose_checkpointing tries them
+
+
+def cheapest_fitting_policy(cfg: RunConfig, world_size: int, zero: dict, budget_bytes: float) -> str | None:
+    """The first of none, selective, full whose estimate is under `budget_bytes`; None if none fits."""
+    return next((p for p in POLICIES if estimate_memory(cfg, world_size, p, **zero).total_bytes < budget_bytes), None)
+
+
+def replicated_base_hint(cfg: RunConfig, world_size: int, gpu_memory_bytes: float) -> str | None:
+    """For a ZeRO-3 run whose base is not offloaded: a line naming the replicated-base JSON when it fits with a
+    checkpointing policy no more expensive than ZeRO-3's (90% of the card, as `activation_checkpointing: auto`
+    budgets). It avoids the per-block parameter all-gathers and allows whole-block compile; on 4 H100s the 14B's
+    step is measured faster with it at 720p and at 480p (docs/performance.md)."""
+    from toolkit.ds_config import REPOSITORY_ROOT, load_ds_config
+    from toolkit.experiments import REPLICATED_BASE_DS_CONFIGS
+
+    zero = configured_zero_settings(cfg)
+    path = REPLICATED_BASE_DS_CONFIGS.get(cfg.model.model_size)
+    if path is None or zero["zero_stage"] != 3 or zero["offload_param"]:
+        return None
+    budget = 0.9 * gpu_memory_bytes
+    sharded = cheapest_fitting_policy(cfg, world_size, zero, budget)
+    whole_zero = zero_settings(load_ds_config(REPOSITORY_ROOT / path), 2)
+    whole = cheapest_fitting_policy(cfg, world_size, whole_zero, budget)
+    if sharded is None or whole is None or POLICIES.index(whole) > POLICIES.index(sharded):
+        return None
+    estimate = estimate_memory(cfg, world_size, whole, **whole_zero).total_bytes / GIB
+    return (f"faster where it fits: trainer.ds_config={path} keeps the frozen base whole on every GPU (ZeRO stage 2: "
+            f"no parameter all-gathers, and compile=auto compiles whole blocks); it fits here with checkpointing={whole} "
+            f"({estimate:.1f} GiB per GPU; ZeRO-3 needs {sharded}). Measured steps: docs/performance.md")
 
 
 def describe_plan(cfg: RunConfig, world_size: int, gpu_memory_bytes: float = 80e9, policy: str | None = None) -> list[str]:
@@ -161,13 +198,16 @@ def describe_plan(cfg: RunConfig, world_size: int, gpu_memory_bytes: float = 80e
     if offload:
         lines.append(f"base parameters offloaded (offload_param): {2 * total / (world_size * GIB):.1f} GiB of pinned host "
                      "memory per GPU's rank; each step streams the base to the GPU block by block")
-    policies = [policy] if policy else ["none", "selective", "full"]
+    policies = [policy] if policy else list(POLICIES)
     fits = []
     for name in policies:
         estimate = estimate_memory(cfg, world_size, name, **zero)
         ok = estimate.total_bytes <= 0.95 * gpu_memory_bytes
         fits.append((name, ok))
         lines.append(f"memory per GPU, checkpointing={name}: {estimate.describe()} ({'fits' if ok else 'does NOT fit'} in {gpu_memory_bytes / GIB:.0f} GiB)")
+    hint = replicated_base_hint(cfg, world_size, gpu_memory_bytes)
+    if hint:
+        lines.append(hint)
     if not any(ok for _, ok in fits):
         offload_hint = ("" if offload or cfg.model.model_size != "14B"
                         else "offload the base (trainer.ds_config=ds_configs/14b_offload.json), ")
