@@ -41,6 +41,7 @@ block-compiled 2B at 480p on one GPU):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from toolkit.config import RunConfig
@@ -76,11 +77,18 @@ class MemoryEstimate:
 def parameter_counts(cfg: RunConfig) -> tuple[int, int, int]:
     """(total base parameters, trainable LoRA parameters, base parameters per block), on the meta device."""
     from toolkit.config import resolved_lora_targets
+
+    return _parameter_counts(cfg.model.model_size, cfg.model.lora_rank, cfg.model.lora_alpha, tuple(resolved_lora_targets(cfg)))
+
+
+@functools.lru_cache(maxsize=16)
+def _parameter_counts(model_size: str, rank: int, alpha: float, targets: tuple[str, ...]) -> tuple[int, int, int]:
+    """Cached: a plan estimates several policies and DeepSpeed JSONs for one model (a 14B meta build is ~0.8 s)."""
     from toolkit.lora.apply import apply_lora
 
-    model = build_dit(cfg.model.model_size, device="meta")
+    model = build_dit(model_size, device="meta")
     total, per_block = count_parameters(model), count_parameters(model.blocks[0])
-    stats = apply_lora(model, cfg.model.lora_rank, cfg.model.lora_alpha, resolved_lora_targets(cfg))
+    stats = apply_lora(model, rank, alpha, list(targets))
     return total, stats.trainable_parameters, per_block
 
 
