@@ -79,6 +79,10 @@ def engine(args) -> None:
     probe_latent, probe_text = batch(99, 0)
     with torch.no_grad():
         base_out = build_dit_reference_output(probe_latent, probe_text)
+    if args.checkpointing != "none":
+        from toolkit.parallel.checkpointing import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model, args.checkpointing)
     if args.sp > 1:
         apply_sequence_parallel(model, topo.sp_group)
     if args.compile != "none":
@@ -89,7 +93,9 @@ def engine(args) -> None:
     params = [p for _, p in named]
     ds = {
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": topo.dp_size,
-        "zero_optimization": {"stage": args.zero}, "zero_allow_untested_optimizer": True, "bf16": {"enabled": False},
+        # persistence 0: every parameter partitioned, so each block's weights are gathered in its forward, its
+        # recompute and its backward, as the real sizes' are
+        "zero_optimization": {"stage": args.zero, **({"stage3_param_persistence_threshold": 0} if args.zero == 3 else {})}, "zero_allow_untested_optimizer": True, "bf16": {"enabled": False},
         "sequence_parallel_size": args.sp, "gradient_clipping": args.clip,
     }
     _, eng, _ = build_engine(model, torch.optim.SGD(params, lr=LR), ds, topo.device)
@@ -139,6 +145,8 @@ def main() -> None:
     parser.add_argument("--clip", type=float, default=0.0, help="gradient clipping (max global norm), 0 = off")
     parser.add_argument("--compile", default="none", choices=["none", "elementwise", "block"], help="model.config.compile")
     parser.add_argument("--zero", type=int, default=3, choices=[2, 3], help="ZeRO stage (the 2B default JSON is stage 2; block compile needs 2)")
+    parser.add_argument("--checkpointing", default="none", choices=["none", "full", "selective"],
+                        help="activation checkpointing policy per block")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -7,8 +7,11 @@ loader is ours and is not passed to accelerate (all SP peers need the same sampl
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, device: torch.device):
@@ -28,7 +31,40 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: 
         kwargs_handlers=kwargs_handlers,
     )
     engine, optimizer = accelerator.prepare(model, optimizer)
+    hide_parameter_gathering_from_dispatch_modes(engine)
     return accelerator, engine, optimizer
+
+
+_HOOK_FUNCTIONS = ("pre_sub_module_forward_function", "post_sub_module_forward_function",
+                   "pre_sub_module_backward_function", "post_sub_module_backward_function")
+
+
+def hide_parameter_gathering_from_dispatch_modes(engine) -> bool:
+    """Run ZeRO-3's per-module fetch and release outside any active TorchDispatchMode; True where installed.
+
+    Selective activation checkpointing records every op of a block's forward in a dispatch mode and, since torch
+    2.13, requires its recompute to issue the same ops. ZeRO-3 gathers a module's weights in that module's forward
+    hook, inside the checkpointed region, and which gathers a hook issues depends on its prefetch state (the
+    forward's prefetch runs ahead in forward order, the recompute's in backward order): the recompute met an
+    all-gather its forward never issued and failed ("c10d._allgather_base_.default encountered during backward but
+    not found in storage"). Gathering is bookkeeping, not part of the block's maths, so it runs unseen; the
+    checkpointed ops then match exactly. A no-op below ZeRO-3 (no parameter hooks)."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    if offload is None:
+        return False
+    for name in _HOOK_FUNCTIONS:
+        function = getattr(offload, name)
+        if getattr(function, "_outside_dispatch_modes", False):
+            continue
+
+        @functools.wraps(function)
+        def outside_modes(sub_module, _function=function):
+            with _disable_current_modes():
+                return _function(sub_module)
+
+        outside_modes._outside_dispatch_modes = True
+        setattr(offload, name, outside_modes)  # the hooks look the method up on the instance at each call
+    return True
 
 
 def gathered_parameters(params: list[torch.nn.Parameter]):
