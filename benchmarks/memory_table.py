@@ -49,6 +49,12 @@ def estimates_against_results() -> list[tuple[str, dict, str, float]]:
     return rows
 
 
+def kept_all_to_alls(r: dict, compile_mode: str) -> bool:
+    """A row measured with `full` under `block` at SP > 1 before the toolkit tagged compiled `full` for recompute:
+    torch 2.11 then kept the Ulysses all-to-all outputs of every block (benchmarks' --full_tags plain)."""
+    return r.get("full_tags") == "plain" and compile_mode == "block" and r["sp"] > 1 and r["checkpointing"] == "full"
+
+
 def against_results() -> list[str]:
     """One line per measured LoRA row: the plan's estimate, the measured peak and the error."""
     from benchmarks.report import card
@@ -56,7 +62,8 @@ def against_results() -> list[str]:
     lines = ["| row | card | compile | estimate GiB | measured GiB | error |", "|---|---|---|---|---|---|"]
     for name, r, compile_mode, estimate in estimates_against_results():
         measured = r["peak_allocated_gib"]
-        label = f"{compile_mode}, eager step 1" if r.get("first_step") == "eager" else compile_mode  # before the probe
+        label = compile_mode + (", eager step 1" if r.get("first_step") == "eager" else "")  # before the probe
+        label += ", all-to-alls kept" if kept_all_to_alls(r, compile_mode) else ""
         lines.append(f"| {name} | {card(r.get('gpu'))} | {label} | {estimate:.1f} | {measured:.1f} "
                      f"| {(estimate - measured) / measured:+.0%} |")
     return lines

@@ -111,6 +111,22 @@ def _reference_times(rows: list[dict], key=_kernels) -> dict[tuple, float]:
     return best
 
 
+def _configuration(r: dict) -> tuple:
+    """Everything but the GPU count that sets a row's step: the base of its scaling where no 1-GPU row exists."""
+    return (card(r.get("gpu")), r["size"], r["resolution"], r["zero_stage"], r["checkpointing"], r["attention_backend"],
+            r.get("compile", "none"), r.get("sp") == r["world_size"])
+
+
+def _smallest_runs(rows: list[dict]) -> dict[tuple, tuple[int, float]]:
+    """(GPUs, fastest s/it) of the LoRA rows on the fewest GPUs, per `_configuration`."""
+    best: dict[tuple, tuple[int, float]] = {}
+    for r in rows:
+        if r["mode"] == "lora":
+            key, entry = _configuration(r), (r["world_size"], r["median_s_per_iter"])
+            best[key] = min(best.get(key, entry), entry)
+    return best
+
+
 def train_table(rows: list[dict], fa4_rates: dict[tuple, float] | None = None) -> list[str]:
     """The training table, then per diffusers baseline row how our fastest 1-GPU step compares, and the step's
     kernel floor at the ceiling's rates and, where `fa4_rates` has the card and shape, at FlashAttention-4's
@@ -119,24 +135,34 @@ def train_table(rows: list[dict], fa4_rates: dict[tuple, float] | None = None) -
             "| of kernel ceiling | scaling vs 1 GPU | peak alloc GiB | peak reserved GiB | first loss | tag |")
     lines = table_head(head)
     single, fallback = _reference_times(rows), _reference_times(rows, _kernel_and_zero)
-    marked = False
+    smallest = _smallest_runs(rows)
+    marked = set()
     for r in sorted(rows, key=lambda r: (card(r.get("gpu")), r["size"], r["resolution"], r["mode"], r["world_size"], r["median_s_per_iter"])):
         base, mark = single.get(_kernels(r)), ""
         if base is None:  # no 1-GPU row of this compile mode: the fastest 1-GPU row of the same kernel and ZeRO stage
             base = fallback.get(_kernel_and_zero(r))
             mark = "†" if base else ""
+        if base is None:  # none fits one GPU: the smallest run of the same configuration (GPU-seconds per sample)
+            smaller = smallest.get(_configuration(r))
+            if smaller is not None and smaller[0] < r["world_size"]:
+                base, mark = smaller[0] * smaller[1], "‡"
         # per sample: a data-parallel row (SP < GPUs) processes several samples per iteration
         scaling = f"{base * r['samples_per_s'] / r['world_size']:.0%}{mark}" if base and r["world_size"] > 1 and r["mode"] == "lora" else "-"
-        marked = marked or bool(mark and scaling != "-")
+        if mark and scaling != "-":
+            marked.add(mark)
         lines.append(
             f"| {card(r.get('gpu'))} | {r['mode']} | {r['size']} | {r['resolution']}p | {r['world_size']} | {r['sp']} | {r['zero_stage']} | {r['checkpointing']} "
             f"| {r['attention_backend']} | {r.get('compile', 'none')} | {r['median_s_per_iter']:.2f} | {r['samples_per_s']:.3f} "
             f"| {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.1%} | {_floor(r, 'train'):.0%} | {scaling} | {r.get('peak_allocated_gib', 0):.1f} | {r.get('peak_reserved_gib', 0):.1f} "
             f"| {r['first_loss']:.5f} | {r.get('tag', '')} |"
         )
-    if marked:
+    if "†" in marked:
         lines += ["", "† against the fastest 1-GPU row of the same card, size, resolution, attention kernel and ZeRO stage under "
                       "another compile mode (no 1-GPU row of the row's own mode was measured)."]
+    if "‡" in marked:
+        lines += ["", "‡ against the fastest row on the fewest GPUs of the same card, size, resolution, ZeRO stage, "
+                      "checkpointing, attention kernel and compile mode (no 1-GPU row: it does not fit one GPU), per "
+                      "GPU-second: (its GPUs x its s/it) / (this row's GPUs x s/it)."]
     baseline = [r for r in rows if r["mode"] == "diffusers"]
     for b in baseline:
         ours = min((t for k, t in single.items() if k[:3] == (card(b.get("gpu")), b["size"], b["resolution"])), default=None)

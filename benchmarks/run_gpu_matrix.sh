@@ -12,6 +12,10 @@
 #                                                           # blockc, blockc14, blockc2 (compile=block on 4 / 2
 #                                                           # GPUs; only when named); scale14 (the 14B from
 #                                                           # one GPU to SP=4 at 480p; only when named);
+#                                                           # scale14_720, zero3_480 (the 14B at 720p from SP=2
+#                                                           # to 4; ZeRO-3 at 480p SP=4; only when named);
+#                                                           # fullblock, fulltags (full recompute under block
+#                                                           # compile; its recompute tags against plain ones)
 #                                                           # MIN_GPUS=2 skips 1-GPU rows
 #
 # Checks inside: SP=2/4 first-step loss equals SP=1 (the `first loss` column), LoRA generation on 1 and 2 GPUs gives
@@ -23,9 +27,13 @@ export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_EXTENSION
 if [ -n "${WHEELHOUSE:-}" ]; then python3 -m pip install -q --no-index --no-deps "$WHEELHOUSE"/*.whl; fi
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
 SETS=${SETS:-all}   # e.g. SETS="compile rows2b" runs only those sets (each fits a 10-minute slot on 4 H100s)
+NAMED_ONLY=" blockc blockc14 blockc2 scale14 scale14_720 zero3_480 fullblock fulltags "   # comparisons, not in `all`
+selected() {  # selected SET: whether SETS asks for it
+  if [ "$SETS" = all ]; then [[ "$NAMED_ONLY" != *" $1 "* ]]; else [[ " $SETS " == *" $1 "* ]]; fi
+}
 run() {  # run SET NEEDED_GPUS TIMEOUT command...
   local set=$1 need=$2 limit=$3; shift 3
-  if [ "$SETS" != all ] && [[ " $SETS " != *" $set "* ]]; then return; fi
+  selected "$set" || return
   if [ "$GPUS" -lt "$need" ]; then echo "=== skipped (needs $need GPUs): $*"; return; fi
   if [ "$need" -lt "${MIN_GPUS:-1}" ]; then return; fi
   echo "=== [$set] $*"
@@ -36,7 +44,7 @@ run() {  # run SET NEEDED_GPUS TIMEOUT command...
 }
 runbg() {  # runbg SET NEEDED_GPUS TIMEOUT NAME command...: like run, in the background with its own log; then `finish`
   local set=$1 need=$2 limit=$3 name=$4; shift 4
-  if [ "$SETS" != all ] && [[ " $SETS " != *" $set "* ]]; then return; fi
+  selected "$set" || return
   if [ "$GPUS" -lt "$need" ] || [ "$need" -lt "${MIN_GPUS:-1}" ]; then echo "=== skipped: $*"; return; fi
   echo "=== [$set, in the background: $name] $*"
   ( timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; status=$?
@@ -160,6 +168,41 @@ run scale14 4 240 $ONE python3 $TT $S14R --attention_backend cudnn --compile ele
 run scale14 4 240 $TR --nproc_per_node=4 $TT $S14R --sp 4 --attention_backend cudnn --compile elementwise --tag replicated_base
 run scale14 4 300 $TR --nproc_per_node=4 $TT --size 14B --resolution 480 --sp 4 --checkpointing selective --steps 3 --ds_config ds_configs/14b.json --attention_backend cudnn --compile elementwise
 run scale14 4 240 $TR --nproc_per_node=4 $TT --size 14B --resolution 480 --sp 4 --checkpointing auto --steps 3 --ds_config ds_configs/14b_replicated_base.json --tag replicated_base_$AB
+# scale14_720: the 14B at 720p from SP=2 (the fewest H100s its replicated base fits: full recompute, plan 53 GiB) to
+# SP=4 with the same JSON, policy and kernels (FA4 where installed, block compile). zero3_480: the 14B at 480p, SP=4,
+# under ZeRO-3 (14b.json) after two warm-up steps and profiled, then with prefetch over two blocks and three live.
+# Not in `all`: name them.
+S14F="--size 14B --resolution 720 --checkpointing full --steps 2 --ds_config ds_configs/14b_replicated_base.json --attention_backend $AB"
+run scale14_720 2 360 env CUDA_VISIBLE_DEVICES=0,1 $TR --nproc_per_node=2 $TT $S14F --sp 2 --tag replicated_base_${AB}_full
+run scale14_720 4 240 $TR --nproc_per_node=4 $TT $S14F --sp 4 --tag replicated_base_${AB}_full
+if [[ " $SETS " == *" zero3_480 "* ]]; then
+  python3 -c "import json; c = json.load(open('ds_configs/14b.json')); z = c['zero_optimization']
+z.update(stage3_prefetch_bucket_size=800000000, stage3_max_live_parameters=3000000000); json.dump(c, open('$OUT/14b_prefetch2.json', 'w'))"
+  S14Z="--size 14B --resolution 480 --sp 4 --checkpointing selective --warmup 2 --steps 4 --attention_backend cudnn --compile elementwise"
+  run zero3_480 4 300 $TR --nproc_per_node=4 $TT $S14Z --ds_config ds_configs/14b.json --profile --tag steady
+  run zero3_480 4 300 $TR --nproc_per_node=4 $TT $S14Z --ds_config "$OUT/14b_prefetch2.json" --tag prefetch2
+fi
+# fullblock: full recompute under whole-block compile against elementwise, the 2B at 480p: four 1-GPU rows at once
+# (block and elementwise with FA4, block with cuDNN, selective block), then SP=4 block and elementwise. Named only.
+if [[ " $SETS " == *" fullblock "* ]]; then
+  S2F="--size 2B --ds_config ds_configs/2b_replicated_base.json --resolution 480 --steps 3"
+  if [ "${FULLBLOCK_PAIRS:-1}" = 1 ]; then   # FULLBLOCK_PAIRS=0: only the SP=4 rows
+  runbg fullblock 4 300 fb0 env CUDA_VISIBLE_DEVICES=0 python3 $TT $S2F --checkpointing full --attention_backend $AB --compile block --tag replicated_base_${AB}_block
+  runbg fullblock 4 300 fe1 env CUDA_VISIBLE_DEVICES=1 python3 $TT $S2F --checkpointing full --attention_backend $AB --compile elementwise --tag replicated_base_${AB}_elementwise
+  runbg fullblock 4 300 fc2 env CUDA_VISIBLE_DEVICES=2 python3 $TT $S2F --checkpointing full --attention_backend cudnn --compile block --tag replicated_base_cudnn_block
+  runbg fullblock 4 300 sb3 env CUDA_VISIBLE_DEVICES=3 python3 $TT $S2F --checkpointing selective --attention_backend $AB --compile block --tag replicated_base_${AB}_block_fullset
+  finish
+  fi
+  for mode in ${FULLBLOCK_MODES:-block elementwise}; do
+    run fullblock 4 200 $TR --nproc_per_node=4 $TT $S2F --sp 4 --checkpointing full --attention_backend $AB --compile $mode --tag replicated_base_${AB}_$mode
+  done
+fi
+# fulltags: full recompute under block compile, every op tagged prefer-recompute (the toolkit's) against plain
+# checkpoint's tags (before: torch 2.11 keeps the all-to-all outputs), same machine: 14B 720p and 2B 480p at SP=4. Named only.
+for tags in plain recompute; do
+  run fulltags 4 240 $TR --nproc_per_node=4 $TT $S14F --sp 4 --full_tags $tags --tag replicated_base_${AB}_full_tags_$tags
+  run fulltags 4 150 $TR --nproc_per_node=4 $TT --size 2B --ds_config ds_configs/2b_replicated_base.json --resolution 480 --steps 3 --sp 4 --checkpointing full --attention_backend $AB --compile block --full_tags $tags --tag replicated_base_${AB}_block_tags_$tags
+done
 # blockc2: the same comparison where two GPUs are lent: 2B 480p SP=2, block against elementwise in two rounds, each
 # behind a queued GPU sleep (the GPU's own s/it next to the host-bound one). Not in `all`: name it.
 if [[ " $SETS " == *" blockc2 "* ]]; then

@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                         "Ulysses exchange and LoRA forward (same process, same batch); medians of each in the row")
     p.add_argument("--compile", default="auto", choices=COMPILE_MODES,
                    help="torch.compile of the elementwise maths (model.config.compile); auto = on CUDA")
+    p.add_argument("--full_tags", choices=["recompute", "plain"], default="recompute",
+                   help="checkpointing=full inside a compiled block: every op tagged prefer-recompute (the toolkit's) "
+                        "or plain checkpoint's own tags (before; torch 2.11 then saves the all-to-all outputs)")
     p.add_argument("--profile", action="store_true",
                    help="profile one more step after timing: host syncs, GPU idle time, kernel time by kind (torch.profiler)")
     p.add_argument("--ds_config", default="", help="DeepSpeed JSON (default: the size's file)")
@@ -351,7 +354,7 @@ def finish_row(args, result: dict) -> dict:
     median = statistics.median(result["times"])
     row = {
         "mode": args.mode, "size": args.size, "resolution": args.resolution, "num_frames": args.num_frames, "tokens": tokens,
-        "tag": args.tag, **{k: v for k, v in result.items() if k != "is_main"},
+        "tag": args.tag, **({"full_tags": args.full_tags} if args.checkpointing == "full" else {}), **{k: v for k, v in result.items() if k != "is_main"},
         "median_s_per_iter": median, "samples_per_s": result["dp"] / median,
         "tokens_per_s_per_gpu": result["dp"] * tokens / median / result["world_size"],
         "pflop_per_step": step_flops / 1e15,
@@ -368,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     from toolkit.compat import silence_known_library_warnings
 
     silence_known_library_warnings()
+    if args.full_tags == "plain":
+        from toolkit.parallel import checkpointing
+
+        checkpointing.TAG_COMPILED_FULL_AS_RECOMPUTE = False
     runner = {"lora": run_lora, "fwdbwd": run_fwdbwd, "diffusers": run_diffusers}[args.mode]
     result = runner(args)
     is_main = result["is_main"]

@@ -2,7 +2,7 @@
 
 Memory model (bytes per GPU), fitted to the measured peak allocated memory of every LoRA row in
 benchmarks/results (`python -m benchmarks.memory_table --against_results`: fitted on 21 rows, within 2.5%; of the
-69 rows measured as runs now start, 67 are within 2% and two within 4%: the 14B with its base offloaded, the
+rows measured as runs now start, all but two are within 2%, those within 4%: the 14B with its base offloaded, the
 block-compiled 2B at 480p on one GPU):
 - frozen base: 2 bytes/param (bf16) divided over the ZeRO-3 group, plus the gathered working set: at least three
   blocks (the one in use and the prefetch), and up to stage3_max_live_parameters (1e9 in ds_configs/2b.json and
@@ -20,7 +20,9 @@ block-compiled 2B at 480p on one GPU):
   input (2 D), `selective` the input and the two attention outputs (6 D); recomputation needs one block's full set
   on top, about 12 D less under `block` (36 D: its compiled graph frees intermediates the eager recompute holds;
   measured 1.9 GiB below elementwise on the 2B at 720p on one GPU, 0.8 at 480p, 1.2 on the 14B at 720p SP=4, which
-  is 11.8, 13.5 and 11.9 D bytes per token). The auto mode is planned as what `compile_mode_for` resolves: block
+  is 11.8, 13.5 and 11.9 D bytes per token), except `full` under `block`, whose recompute re-runs attention as well:
+  48 D as elementwise (four rows: the 2B at 480p on one GPU and SP=4, the 14B at 720p at SP=2 and SP=4 measured
+  0.6-3.3 GiB above the 36 D plan, 6.7-16.9 D bytes per token). The auto mode is planned as what `compile_mode_for` resolves: block
   where the base is replicated, elementwise under ZeRO-3;
 - the backward working set of the block being differentiated, 13 D bytes per token under every policy: its
   gradient buffers (the gradient of the 4 D-wide MLP hidden is 8 D in bf16, the residual-stream gradients in and
@@ -52,6 +54,7 @@ GIB = 1 << 30
 KEPT_BYTES_PER_TOKEN_PER_D = {"full": 2.0, "selective": 6.0}  # `none` keeps a block's full set (below)
 BLOCK_BYTES_PER_TOKEN_PER_D = {"none": 54.0, "elementwise": 48.0, "block": 48.0}  # one block's full set, by compile mode
 RECOMPUTE_BYTES_PER_TOKEN_PER_D = {"none": 54.0, "elementwise": 48.0, "block": 36.0}  # one block recomputed, by compile mode
+FULL_BLOCK_RECOMPUTE_BYTES_PER_TOKEN_PER_D = 48.0  # `full` under `block`: the recompute re-runs attention too
 BACKWARD_BYTES_PER_TOKEN_PER_D = 13.0  # gradient buffers of the block in backward, next to its activations
 OVERHEAD_BYTES = 0.5 * GIB
 ZERO3_MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's default stage3_max_live_parameters (and ds_configs/2b.json's, 14b.json's)
@@ -129,7 +132,8 @@ def estimate_memory(cfg: RunConfig, world_size: int, policy: str, zero_stage: in
 
     mode = compile_mode_for(cfg, "cuda", cfg.model_parallel.context_parallel_size, zero_stage)  # what a GPU run resolves
     kept = (BLOCK_BYTES_PER_TOKEN_PER_D[mode] if policy == "none" else KEPT_BYTES_PER_TOKEN_PER_D[policy]) * d * tokens * blocks
-    working = RECOMPUTE_BYTES_PER_TOKEN_PER_D[mode] * d * tokens if policy != "none" else 0.0
+    per_d = FULL_BLOCK_RECOMPUTE_BYTES_PER_TOKEN_PER_D if (mode, policy) == ("block", "full") else RECOMPUTE_BYTES_PER_TOKEN_PER_D[mode]
+    working = per_d * d * tokens if policy != "none" else 0.0
     backward = BACKWARD_BYTES_PER_TOKEN_PER_D * d * tokens  # also under `none`: the last block's, at the peak
     factor = ZERO_INIT_ACTIVATION_FACTOR if builds_under_zero_init(cfg.model.model_size, zero_stage, world_size) else 1.0
     return MemoryEstimate(base, lora_bytes, factor * (kept + working + backward), OVERHEAD_BYTES)
