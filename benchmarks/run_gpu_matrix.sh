@@ -142,7 +142,7 @@ done
 # on 4 GPUs the 1-GPU pairs at 720p and 480p side by side (one GPU each), then 2B 480p SP=4 in rounds (its steps
 # drift from run to run; BLOCK_ROUNDS="1 2" by default). blockc14: 2B 720p SP=4 and the 14B 720p SP=4 (replicated
 # base) under block. Not in `all`: name them.
-if [[ " $SETS " == *" blockc "* ]]; then
+if selected blockc; then
   if [ "$GPUS" -ge 4 ] && [ "${BLOCK_PAIRS:-1}" = 1 ]; then   # BLOCK_PAIRS=0: only the SP=4 rounds
     for mode in block elementwise; do
       gpu=$([ $mode = block ] && echo 0 || echo 1)
@@ -175,7 +175,7 @@ run scale14 4 240 $TR --nproc_per_node=4 $TT --size 14B --resolution 480 --sp 4 
 S14F="--size 14B --resolution 720 --checkpointing full --steps 2 --ds_config ds_configs/14b_replicated_base.json --attention_backend $AB"
 run scale14_720 2 360 env CUDA_VISIBLE_DEVICES=0,1 $TR --nproc_per_node=2 $TT $S14F --sp 2 --tag replicated_base_${AB}_full
 run scale14_720 4 240 $TR --nproc_per_node=4 $TT $S14F --sp 4 --tag replicated_base_${AB}_full
-if [[ " $SETS " == *" zero3_480 "* ]]; then
+if selected zero3_480; then
   python3 -c "import json; c = json.load(open('ds_configs/14b.json')); z = c['zero_optimization']
 z.update(stage3_prefetch_bucket_size=800000000, stage3_max_live_parameters=3000000000); json.dump(c, open('$OUT/14b_prefetch2.json', 'w'))"
   S14Z="--size 14B --resolution 480 --sp 4 --checkpointing selective --warmup 2 --steps 4 --attention_backend cudnn --compile elementwise"
@@ -184,7 +184,7 @@ z.update(stage3_prefetch_bucket_size=800000000, stage3_max_live_parameters=30000
 fi
 # fullblock: full recompute under whole-block compile against elementwise, the 2B at 480p: four 1-GPU rows at once
 # (block and elementwise with FA4, block with cuDNN, selective block), then SP=4 block and elementwise. Named only.
-if [[ " $SETS " == *" fullblock "* ]]; then
+if selected fullblock; then
   S2F="--size 2B --ds_config ds_configs/2b_replicated_base.json --resolution 480 --steps 3"
   if [ "${FULLBLOCK_PAIRS:-1}" = 1 ]; then   # FULLBLOCK_PAIRS=0: only the SP=4 rows
   runbg fullblock 4 300 fb0 env CUDA_VISIBLE_DEVICES=0 python3 $TT $S2F --checkpointing full --attention_backend $AB --compile block --tag replicated_base_${AB}_block
@@ -205,7 +205,7 @@ for tags in plain recompute; do
 done
 # blockc2: the same comparison where two GPUs are lent: 2B 480p SP=2, block against elementwise in two rounds, each
 # behind a queued GPU sleep (the GPU's own s/it next to the host-bound one). Not in `all`: name it.
-if [[ " $SETS " == *" blockc2 "* ]]; then
+if selected blockc2; then
   for round in 1 2; do
     run blockc2 2 220 env CUDA_VISIBLE_DEVICES=0,1 $TR --nproc_per_node=2 $TT $S2B --resolution 480 --sp 2 --checkpointing auto --steps 6 --host_lead_ms 2000 --compile block --tag replicated_base_${AB}_block_$round
     run blockc2 2 220 env CUDA_VISIBLE_DEVICES=0,1 $TR --nproc_per_node=2 $TT $S2B --resolution 480 --sp 2 --checkpointing auto --steps 6 --host_lead_ms 2000 --compile elementwise --tag replicated_base_${AB}_elementwise_$round
@@ -240,7 +240,7 @@ run more14b 1 400 $ONE python3 $TT --size 14B --resolution 720 --checkpointing f
 run gen14b 2 150 $TR --nproc_per_node=2 $GT --size 14B --resolution 720 --sp 2 --measured_steps 1 $CU
 run gen14b 4 150 $TR --nproc_per_node=4 $GT --size 14B --resolution 720 --sp 4 --measured_steps 2 $CU
 # lora_generate: LoRA generation on 1 and 2 GPUs gives identical frames
-if [ "$SETS" = all ] || [[ " $SETS " == *" lora_generate "* ]]; then
+if selected lora_generate; then
   python3 -m benchmarks.make_random_adapter --size 2B --rank 16 --output "$OUT/adapter_2b" > /dev/null
   python3 -c "from PIL import Image; import numpy as np; Image.fromarray((np.random.default_rng(0).random((720,1280,3))*255).astype('uint8')).save('$OUT/input.png')"
   GEN=(-m toolkit.generate --model_size 2B --dit_path random --vae tiny --t5 tiny --input_path "$OUT/input.png" --prompt "a robot arm" --num_steps 4 --lora "$OUT/adapter_2b" --benchmark)

@@ -39,8 +39,8 @@ _HOOK_FUNCTIONS = ("pre_sub_module_forward_function", "post_sub_module_forward_f
                    "pre_sub_module_backward_function", "post_sub_module_backward_function")
 
 
-def hide_parameter_gathering_from_dispatch_modes(engine) -> bool:
-    """Run ZeRO-3's per-module fetch and release outside any active TorchDispatchMode; True where installed.
+def hide_parameter_gathering_from_dispatch_modes(engine) -> None:
+    """Run ZeRO-3's per-module fetch and release outside any active TorchDispatchMode.
 
     Selective activation checkpointing records every op of a block's forward in a dispatch mode and, since torch
     2.13, requires its recompute to issue the same ops. ZeRO-3 gathers a module's weights in that module's forward
@@ -51,20 +51,15 @@ def hide_parameter_gathering_from_dispatch_modes(engine) -> bool:
     checkpointed ops then match exactly. A no-op below ZeRO-3 (no parameter hooks)."""
     offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
     if offload is None:
-        return False
+        return
     for name in _HOOK_FUNCTIONS:
-        function = getattr(offload, name)
-        if getattr(function, "_outside_dispatch_modes", False):
-            continue
 
-        @functools.wraps(function)
-        def outside_modes(sub_module, _function=function):
+        @functools.wraps(getattr(offload, name))
+        def outside_modes(sub_module, _function=getattr(offload, name)):
             with _disable_current_modes():
                 return _function(sub_module)
 
-        outside_modes._outside_dispatch_modes = True
         setattr(offload, name, outside_modes)  # the hooks look the method up on the instance at each call
-    return True
 
 
 def gathered_parameters(params: list[torch.nn.Parameter]):
