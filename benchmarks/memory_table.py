@@ -18,7 +18,7 @@ from pathlib import Path
 
 from toolkit.config import load_run_config
 from toolkit.experiments import VIDEO_SIZES
-from toolkit.train.plan import configured_zero_settings, estimate_memory
+from toolkit.train.plan import ZERO3_MAX_LIVE_PARAMETERS, configured_zero_settings, estimate_memory
 
 EXPERIMENTS = {"2B": "predict2_video2world_lora_training_2b_custom_data", "14B": "predict2_video2world_lora_training_14b_custom_data"}
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -43,8 +43,8 @@ def estimates_against_results() -> list[tuple[str, dict, str, float]]:
         # rows before compile existed: eager; "elementwise (eager fallback: ...)" is still the elementwise setting
         compile_mode = {"none": "none", "block": "block"}.get(r.get("compile", "none").split(" ")[0], "elementwise")
         cfg = _config(r["size"], r["resolution"], r["sp"], compile_mode)
-        estimate = estimate_memory(cfg, r["world_size"], r["checkpointing"], r["zero_stage"],
-                                   r.get("offload_param", False)).total_bytes / 2**30
+        estimate = estimate_memory(cfg, r["world_size"], r["checkpointing"], r["zero_stage"], r.get("offload_param", False),
+                                   r.get("max_live_parameters", ZERO3_MAX_LIVE_PARAMETERS)).total_bytes / 2**30
         rows.append((path.stem, r, compile_mode, estimate))
     return rows
 

@@ -14,6 +14,10 @@
 #                                                           # one GPU to SP=4 at 480p; only when named);
 #                                                           # scale14_720, zero3_480 (the 14B at 720p from SP=2
 #                                                           # to 4; ZeRO-3 at 480p SP=4; only when named);
+#                                                           # scale720 (2B and 14B at 720p from one GPU
+#                                                           # to SP=8, side by side where GPUs allow;
+#                                                           # zero3_8: the 14B's defaults on 8 GPUs);
+#                                                           # zero3_ab (replicated base vs ZeRO-3, 14B SP=4);
 #                                                           # fullblock, fulltags (full recompute under block
 #                                                           # compile; its recompute tags against plain ones)
 #                                                           # MIN_GPUS=2 skips 1-GPU rows
@@ -23,11 +27,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/gpu_out}; mkdir -p "$OUT"; touch "$OUT/.start"
-export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_ext}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_ext}
 if [ -n "${WHEELHOUSE:-}" ]; then python3 -m pip install -q --no-index --no-deps "$WHEELHOUSE"/*.whl; fi
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
 SETS=${SETS:-all}   # e.g. SETS="compile rows2b" runs only those sets (each fits a 10-minute slot on 4 H100s)
-NAMED_ONLY=" blockc blockc14 blockc2 scale14 scale14_720 zero3_480 fullblock fulltags "   # comparisons, not in `all`
+NAMED_ONLY=" blockc blockc14 blockc2 scale14 scale14_720 zero3_480 zero3_ab scale720 zero3_8 fullblock fulltags "   # comparisons, not in `all`
 selected() {  # selected SET: whether SETS asks for it
   if [ "$SETS" = all ]; then [[ "$NAMED_ONLY" != *" $1 "* ]]; else [[ " $SETS " == *" $1 "* ]]; fi
 }
@@ -182,6 +186,41 @@ z.update(stage3_prefetch_bucket_size=800000000, stage3_max_live_parameters=30000
   run zero3_480 4 300 $TR --nproc_per_node=4 $TT $S14Z --ds_config ds_configs/14b.json --profile --tag steady
   run zero3_480 4 300 $TR --nproc_per_node=4 $TT $S14Z --ds_config "$OUT/14b_prefetch2.json" --tag prefetch2
 fi
+# zero3_ab: the replicated base against ZeRO-3 for the 14B at SP=4, same flags otherwise: 480p beside zero3_480's
+# steady row (the replicated twin), and 720p full recompute under ZeRO-3 with its default compile (elementwise) beside
+# scale720's replicated SP=4 row. Named only.
+run zero3_ab 4 300 $TR --nproc_per_node=4 $TT --size 14B --resolution 480 --sp 4 --checkpointing selective --warmup 2 --steps 4 --attention_backend cudnn --compile elementwise --ds_config ds_configs/14b_replicated_base.json --tag replicated_base_steady
+run zero3_ab 4 330 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing full --warmup 2 --steps 2 --attention_backend cudnn --ds_config ds_configs/14b.json --tag full
+# scale720: Ulysses scaling at 720p from one GPU on one machine, for cards with room for the 14B on one GPU (H200:
+# the replicated base with full recompute, plan 84 GiB): per size in SCALE_SIZES (default "2B 14B"), the GPU counts in
+# SCALE_GPUS (default 1 2 4 8, those present) run side by side on disjoint GPUs while they fit (1, 2 and 4 at once on
+# 8 GPUs; 1 and 2 on 4), then the rest. The 2B with the defaults (selective on one GPU, `auto` above); the 14B with
+# full recompute everywhere. zero3_8: the 14B at 720p on 8 GPUs with the defaults (ZeRO-3, `auto`). Named only.
+scale_rows() {  # scale_rows SIZE: one row per GPU count, packed onto disjoint GPUs
+  local size=$1 offset=0 n gpus args limit
+  for n in ${SCALE_GPUS:-1 2 4 8}; do
+    [ "$n" -le "$GPUS" ] || continue
+    offset=$(( (offset + n - 1) / n * n ))
+    if [ $((offset + n)) -gt "$GPUS" ]; then finish; offset=0; fi
+    gpus=$(seq -s, "$offset" $((offset + n - 1)))
+    if [ "$size" = 2B ]; then
+      args="$S2B --resolution 720 --checkpointing auto --steps 3 --tag replicated_base_${AB}_scale"; limit=360
+    else
+      args="$S14F --tag replicated_base_${AB}_full_scale"; limit=480
+    fi
+    if [ "$n" = 1 ]; then
+      runbg scale720 1 "$limit" "s${size}_$n" env CUDA_VISIBLE_DEVICES=$gpus python3 $TT $args
+    else
+      runbg scale720 "$n" "$limit" "s${size}_$n" env CUDA_VISIBLE_DEVICES=$gpus $TR --nproc_per_node=$n $TT $args --sp $n
+    fi
+    offset=$((offset + n))
+  done
+  finish
+}
+if selected scale720; then
+  for size in ${SCALE_SIZES:-2B 14B}; do scale_rows "$size"; done
+fi
+run zero3_8 8 420 $TR --nproc_per_node=8 $TT --size 14B --resolution 720 --sp 8 --checkpointing auto --steps 2 --warmup 2 --attention_backend $AB
 # fullblock: full recompute under whole-block compile against elementwise, the 2B at 480p: four 1-GPU rows at once
 # (block and elementwise with FA4, block with cuDNN, selective block), then SP=4 block and elementwise. Named only.
 if selected fullblock; then

@@ -211,7 +211,7 @@ def run_lora(args) -> dict:
     from toolkit.train.loop import forward_backward_step, reduce_step, step_generator
     from toolkit.train.optim import build_optimizer
     from toolkit.lora.fused import fused_layer_count
-    from toolkit.train.plan import offloads_parameters
+    from toolkit.train.plan import offloads_parameters, zero_settings
 
     topo = init_distributed(args.sp)
     overrides = [
@@ -270,6 +270,7 @@ def run_lora(args) -> dict:
         "ulysses_exchange": cfg.model_parallel.ulysses_exchange if assembled.sp_size > 1 else None,
         "world_size": topo.world_size, "dp": topo.dp_size, "sp": assembled.sp_size, "zero_stage": ds_config["zero_optimization"]["stage"],
         "offload_param": offloads_parameters(ds_config), "fuse_lora": cfg.model.fuse_lora,
+        "max_live_parameters": zero_settings(ds_config)["max_live_parameters"],
         "lora_fused_layers": list(fused_layer_count(assembled.model, latent.dtype if topo.device.type == "cpu" else torch.bfloat16)),
         "checkpointing": assembled.checkpointing, "attention_backend": assembled.model.attention.backend_used,
         "times": times, "first_loss": losses[0], "losses": losses, "build_seconds": build_seconds, "memory_after_build_gib": static_gib,

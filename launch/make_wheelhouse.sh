@@ -5,8 +5,9 @@
 # The node is assumed to carry torch (CUDA build), accelerate, peft, transformers, numpy (as NVIDIA / cloud images do).
 #
 # Usage: bash launch/make_wheelhouse.sh [OUT_DIR=.whl] [--python 3.12] [--platform manylinux_2_28_x86_64] [--minimal] [--fa4]
-#   --minimal   only what training and the benchmarks need (deepspeed, webdataset, diffusers + dependencies);
-#               skips wandb and av (about 60 MB), e.g. to fit a 64 MiB transfer limit.
+#   --minimal   only what training from latent shards and the training benchmarks need (deepspeed, webdataset,
+#               diffusers + dependencies; generation writes MP4s through av);
+#               skips wandb and av (about 35 MB), e.g. to fit a 64 MiB transfer limit.
 #   --fa4       also FlashAttention-4 for training and generation on Hopper (CUDA 13 torch builds; about 100 MB more):
 #               flash-attn-4, nvidia-cutlass-dsl and its cu13 libraries, quack-kernels, apache-tvm-ffi; install with
 #               pip install --no-index --no-deps --find-links WHEELHOUSE -r WHEELHOUSE/requirements-fa4.txt

@@ -113,8 +113,9 @@ VIDEO_SIZES: dict[str, tuple[tuple[int, int], ...]] = {
 DEFAULT_DS_CONFIGS = {"2B": "ds_configs/2b_replicated_base.json", "14B": "ds_configs/14b.json", "tiny": "ds_configs/tiny_cpu.json"}
 """trainer.ds_config when left empty, by model size (relative to the repository root). The 2B's frozen base (3.9 GB)
 is replicated (ZeRO-2): faster than ZeRO-3 at every layout measured on H100 (docs/performance.md). The 14B keeps
-ZeRO-3, which fits everywhere; `ds_configs/14b_replicated_base.json` is faster where base + activations fit (the
-`--dry-run` plan and the trainer's start say when it does: `toolkit.train.plan.replicated_base_hint`)."""
+ZeRO-3, which fits everywhere; `ds_configs/14b_replicated_base.json` is faster where base + activations fit (2.7x at
+480p on 4 H200s at SP=4; the `--dry-run` plan and the trainer's start say when it fits:
+`toolkit.train.plan.replicated_base_hint`)."""
 
 REPLICATED_BASE_DS_CONFIGS = {"2B": "ds_configs/2b_replicated_base.json", "14B": "ds_configs/14b_replicated_base.json"}
 """The DeepSpeed JSON per model size that keeps the frozen base whole on every rank (ZeRO stage 2)."""

@@ -21,13 +21,11 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 import safetensors
 import safetensors.torch
 import torch
 
-from toolkit.data import video
 from toolkit.data.format import (
     FIELD_LATENTS,
     FIELD_RECORD,
@@ -308,6 +306,10 @@ def _decode_window(
             "from the folder (rebuild with a minimum length) or lower num_frames"
         )
     start = int(rng.integers(0, record.num_frames - request.num_frames))
+    import av  # here, not at the top: training on shards of latents runs without PyAV (launch/make_wheelhouse.sh --minimal)
+
+    from toolkit.data import video
+
     try:
         frames_T_H_W_3 = video.decode_frames(payload, start, request.num_frames, request.video_size, request.resize)
     except (video.VideoError, av.FFmpegError) as error:

@@ -2,7 +2,7 @@
 
 Memory model (bytes per GPU), fitted to the measured peak allocated memory of every LoRA row in
 benchmarks/results (`python -m benchmarks.memory_table --against_results`: fitted on 21 rows, within 2.5%; of the
-78 rows measured as runs now start, 75 are within 2% and three within 4%: the 14B with its base offloaded, two
+90 rows measured as runs now start, 85 are within 2% and five within 4%: the 14B with its base offloaded, four
 block-compiled 2B rows at 480p on one GPU):
 - frozen base: 2 bytes/param (bf16) divided over the ZeRO-3 group, plus the gathered working set: at least three
   blocks (the one in use and the prefetch), and up to stage3_max_live_parameters (1e9 in ds_configs/2b.json and
@@ -31,10 +31,11 @@ block-compiled 2B rows at 480p on one GPU):
   full: 2.1; residuals at most 0.21 GiB). A fixed 3 GiB in its place over-estimated the 2B at 480p by 11-12% and
   matched 720p only because S D is 2.7 times larger there;
 - a model built under `deepspeed.zero.Init` (the 14B under ZeRO-3 on several GPUs, whose Linear layers then run
-  through DeepSpeed's own autograd function) measures about 20% more activation memory (14B at 720p: 44.6 GiB
-  against 39.0 estimated without the factor at SP=4, 83.7 against 73.5 at SP=2; 480p SP=2: 42.1 against 38.3;
-  the rows need 1.18-1.20), while the same 14B with a replicated base matches the model without it; the cause
-  is not isolated, so the factor is empirical;
+  through DeepSpeed's own autograd function) holds about one block's activation set more: 56 D bytes per token
+  (nine rows, selective and full, 480p and 720p, SP=2 and SP=4, measured 51-66 D above the terms above; within
+  1.6% with 56). A 20% factor on the activations fitted the selective rows but not `full` (the 14B at 720p SP=4 on
+  4 H200s: 30.0 GiB against 26.6), whose kept set is a third of selective's with the same excess. The same 14B with a
+  replicated base matches the model without the term; the cause is not isolated, so the term is empirical;
 - a fixed 0.5 GiB (workspaces, text embedding, RoPE tables, allocator rounding): the one-GPU fit gives 0.17 GiB,
   the 2B rows on several GPUs sit 0.3-1.5 GiB above it (communication buffers; on `none` rows 1-1.5% of the kept
   set) and the 14B rows there -0.6 to +0.5, so 0.5 keeps every row within 2.5% either side. Peak allocated
@@ -58,7 +59,7 @@ FULL_BLOCK_RECOMPUTE_BYTES_PER_TOKEN_PER_D = 48.0  # `full` under `block`: the r
 BACKWARD_BYTES_PER_TOKEN_PER_D = 13.0  # gradient buffers of the block in backward, next to its activations
 OVERHEAD_BYTES = 0.5 * GIB
 ZERO3_MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed's default stage3_max_live_parameters (and ds_configs/2b.json's, 14b.json's)
-ZERO_INIT_ACTIVATION_FACTOR = 1.2
+ZERO_INIT_BYTES_PER_TOKEN_PER_D = 56.0  # a model built under zero.Init: about one block's activation set more
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,8 @@ def estimate_memory(cfg: RunConfig, world_size: int, policy: str, zero_stage: in
     per_d = FULL_BLOCK_RECOMPUTE_BYTES_PER_TOKEN_PER_D if (mode, policy) == ("block", "full") else RECOMPUTE_BYTES_PER_TOKEN_PER_D[mode]
     working = per_d * d * tokens if policy != "none" else 0.0
     backward = BACKWARD_BYTES_PER_TOKEN_PER_D * d * tokens  # also under `none`: the last block's, at the peak
-    factor = ZERO_INIT_ACTIVATION_FACTOR if builds_under_zero_init(cfg.model.model_size, zero_stage, world_size) else 1.0
-    return MemoryEstimate(base, lora_bytes, factor * (kept + working + backward), OVERHEAD_BYTES)
+    zero_init = ZERO_INIT_BYTES_PER_TOKEN_PER_D * d * tokens if builds_under_zero_init(cfg.model.model_size, zero_stage, world_size) else 0.0
+    return MemoryEstimate(base, lora_bytes, kept + working + backward + zero_init, OVERHEAD_BYTES)
 
 
 def configured_zero_settings(cfg: RunConfig) -> dict:
@@ -164,8 +165,8 @@ def cheapest_fitting_policy(cfg: RunConfig, world_size: int, zero: dict, budget_
 def replicated_base_hint(cfg: RunConfig, world_size: int, gpu_memory_bytes: float) -> str | None:
     """For a ZeRO-3 run whose base is not offloaded: a line naming the replicated-base JSON when it fits with a
     checkpointing policy no more expensive than ZeRO-3's (90% of the card, as `activation_checkpointing: auto`
-    budgets). It avoids the per-block parameter all-gathers and allows whole-block compile; on 4 H100s the 14B's
-    step is measured faster with it at 720p and at 480p (docs/performance.md)."""
+    budgets). It avoids the per-block parameter all-gathers and allows whole-block compile; on 4 H200s at SP=4 the
+    14B's step is 2.7x faster with it at 480p (same machine) and 1.17x at 720p with full recompute (docs/performance.md)."""
     from toolkit.ds_config import REPOSITORY_ROOT, load_ds_config
     from toolkit.experiments import REPLICATED_BASE_DS_CONFIGS
 
@@ -182,7 +183,8 @@ def replicated_base_hint(cfg: RunConfig, world_size: int, gpu_memory_bytes: floa
     estimate = estimate_memory(cfg, world_size, whole, **whole_zero).total_bytes / GIB
     return (f"faster where it fits: trainer.ds_config={path} keeps the frozen base whole on every GPU (ZeRO stage 2: "
             f"no parameter all-gathers, and compile=auto compiles whole blocks); it fits here with checkpointing={whole} "
-            f"({estimate:.1f} GiB per GPU; ZeRO-3 needs {sharded}). Measured steps: docs/performance.md")
+            f"({estimate:.1f} GiB per GPU; ZeRO-3 needs {sharded}). Measured on 4 H200s at SP=4, same machine: the 14B "
+            f"at 480p 2.58 s/it against 6.95 under ZeRO-3 (docs/performance.md)")
 
 
 def describe_plan(cfg: RunConfig, world_size: int, gpu_memory_bytes: float = 80e9, policy: str | None = None) -> list[str]:
