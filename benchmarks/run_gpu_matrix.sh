@@ -16,7 +16,7 @@
 #                                                           # to 4; ZeRO-3 at 480p SP=4; only when named);
 #                                                           # scale720 (2B and 14B at 720p from one GPU
 #                                                           # to SP=8, side by side where GPUs allow;
-#                                                           # zero3_8: the 14B's defaults on 8 GPUs);
+#                                                           # zero3_8: the 14B on 8 GPUs, ZeRO-3 and defaults);
 #                                                           # zero3_ab (replicated base vs ZeRO-3, 14B SP=4);
 #                                                           # fullblock, fulltags (full recompute under block
 #                                                           # compile; its recompute tags against plain ones)
@@ -68,6 +68,7 @@ GT="-m benchmarks.generate_throughput"
 ONE="env CUDA_VISIBLE_DEVICES=0"   # a command, not a function: `timeout` runs it
 R2B="--ds_config ds_configs/2b_replicated_base.json --tag replicated_base"   # the 2B default JSON (ZeRO-2)
 Z2B="--ds_config ds_configs/2b.json"                                          # ZeRO-3 comparison rows
+Z14="--ds_config ds_configs/14b.json"   # the 14B's ZeRO-3 rows (its default, `auto`, picks the replicated base where it fits)
 # compile: the default torch.compile (`auto`: whole blocks with the replicated base) against eager on the same
 # machine (tag eager = compile none), with the
 # profiler's host-sync check on the 1-GPU row, and the hand-built diffusers + PEFT baseline in the same run.
@@ -195,7 +196,8 @@ run zero3_ab 4 330 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4
 # the replicated base with full recompute, plan 84 GiB): per size in SCALE_SIZES (default "2B 14B"), the GPU counts in
 # SCALE_GPUS (default 1 2 4 8, those present) run side by side on disjoint GPUs while they fit (1, 2 and 4 at once on
 # 8 GPUs; 1 and 2 on 4), then the rest. The 2B with the defaults (selective on one GPU, `auto` above); the 14B with
-# full recompute everywhere. zero3_8: the 14B at 720p on 8 GPUs with the defaults (ZeRO-3, `auto`). Named only.
+# full recompute everywhere. zero3_8: the 14B at 720p on 8 GPUs under ZeRO-3 and with the defaults (`auto`
+# checkpointing and trainer.ds_config). Named only.
 scale_rows() {  # scale_rows SIZE: one row per GPU count, packed onto disjoint GPUs
   local size=$1 offset=0 n gpus args limit
   for n in ${SCALE_GPUS:-1 2 4 8}; do
@@ -220,7 +222,8 @@ scale_rows() {  # scale_rows SIZE: one row per GPU count, packed onto disjoint G
 if selected scale720; then
   for size in ${SCALE_SIZES:-2B 14B}; do scale_rows "$size"; done
 fi
-run zero3_8 8 420 $TR --nproc_per_node=8 $TT --size 14B --resolution 720 --sp 8 --checkpointing auto --steps 2 --warmup 2 --attention_backend $AB
+run zero3_8 8 420 $TR --nproc_per_node=8 $TT --size 14B --resolution 720 --sp 8 --checkpointing auto --steps 2 --warmup 2 --attention_backend $AB --ds_config ds_configs/14b.json
+run zero3_8 8 300 $TR --nproc_per_node=8 $TT --size 14B --resolution 720 --sp 8 --checkpointing auto --steps 2 --attention_backend $AB --tag defaults
 # fullblock: full recompute under whole-block compile against elementwise, the 2B at 480p: four 1-GPU rows at once
 # (block and elementwise with FA4, block with cuDNN, selective block), then SP=4 block and elementwise. Named only.
 if selected fullblock; then
@@ -268,11 +271,11 @@ run zero3 4 150 $TR --nproc_per_node=4 $TT --size 2B --resolution 720 --sp 4 --c
 # more14b: 720p on 4 GPUs under ZeRO-3, 480p on 1 GPU, and 720p on 1 GPU with the base offloaded. ZeRO-3 rows warm up 2 steps: DeepSpeed records its
 # parameter trace in the first steps (measured: 15.96 s then 7.28 s for the 14B 480p at SP=2).
 run rows14b 4 170 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2 --ds_config ds_configs/14b_replicated_base.json --tag replicated_base
-run rows14b 2 300 $TR --nproc_per_node=2 $TT --size 14B --resolution 720 --sp 2 --checkpointing auto --steps 1 --warmup 2
-run rows14b 4 150 $TR --nproc_per_node=4 $TT --size 14B --resolution 480 --sp 4 --checkpointing auto --steps 2 --warmup 2
-run rows14b 2 150 $TR --nproc_per_node=2 $TT --size 14B --resolution 480 --sp 2 --checkpointing auto --steps 2 --warmup 2
-run more14b 4 300 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2 --warmup 2
-run more14b 1 200 $ONE python3 $TT --size 14B --resolution 480 --checkpointing full --steps 2
+run rows14b 2 300 $TR --nproc_per_node=2 $TT --size 14B --resolution 720 --sp 2 --checkpointing auto --steps 1 --warmup 2 $Z14
+run rows14b 4 150 $TR --nproc_per_node=4 $TT --size 14B --resolution 480 --sp 4 --checkpointing auto --steps 2 --warmup 2 $Z14
+run rows14b 2 150 $TR --nproc_per_node=2 $TT --size 14B --resolution 480 --sp 2 --checkpointing auto --steps 2 --warmup 2 $Z14
+run more14b 4 300 $TR --nproc_per_node=4 $TT --size 14B --resolution 720 --sp 4 --checkpointing selective --steps 2 --warmup 2 $Z14
+run more14b 1 200 $ONE python3 $TT --size 14B --resolution 480 --checkpointing full --steps 2 $Z14
 # the 14B at 720p on one GPU: the base offloaded to host memory (ZeRO-3 offload_param), full recompute
 run more14b 1 400 $ONE python3 $TT --size 14B --resolution 720 --checkpointing full --steps 2 --ds_config ds_configs/14b_offload.json --tag offload
 # gen14b: 14B generation at 720p on 2 and 4 GPUs (generate14b: on 1 GPU)

@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                         "or plain checkpoint's own tags (before; torch 2.11 then saves the all-to-all outputs)")
     p.add_argument("--profile", action="store_true",
                    help="profile one more step after timing: host syncs, GPU idle time, kernel time by kind (torch.profiler)")
-    p.add_argument("--ds_config", default="", help="DeepSpeed JSON (default: the size's file)")
+    p.add_argument("--ds_config", default="", help="DeepSpeed JSON (default: the size's, as training picks it: the 14B's "
+                   "`auto` chooses the replicated base where the plan fits it)")
     p.add_argument("--steps", type=int, default=3, help="measured steps")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--tag", default="", help="extra label for the row (e.g. before/after a change)")
@@ -207,7 +208,7 @@ def run_lora(args) -> dict:
     from toolkit.lora.apply import lora_named_parameters
     from toolkit.parallel.engine import build_engine
     from toolkit.parallel.topology import init_distributed
-    from toolkit.train.build import assemble_model
+    from toolkit.train.build import assemble_model, choose_ds_config_for
     from toolkit.train.loop import forward_backward_step, reduce_step, step_generator
     from toolkit.train.optim import build_optimizer
     from toolkit.lora.fused import fused_layer_count
@@ -228,7 +229,7 @@ def run_lora(args) -> dict:
                       f"dataloader_train.dataset.video_size=[{height},{width}]"]
     if args.ds_config:
         overrides.append(f"trainer.ds_config={args.ds_config}")
-    cfg = load_run_config(EXPERIMENT[args.size], None, overrides)
+    cfg, _ = choose_ds_config_for(load_run_config(EXPERIMENT[args.size], None, overrides), topo)  # the 14B's `auto`
     ds_config = resolve_ds_config(cfg, topo.world_size)
     build_start = time.perf_counter()
     assembled = assemble_model(cfg, topo, ds_config)
@@ -270,7 +271,7 @@ def run_lora(args) -> dict:
         "ulysses_exchange": cfg.model_parallel.ulysses_exchange if assembled.sp_size > 1 else None,
         "world_size": topo.world_size, "dp": topo.dp_size, "sp": assembled.sp_size, "zero_stage": ds_config["zero_optimization"]["stage"],
         "offload_param": offloads_parameters(ds_config), "fuse_lora": cfg.model.fuse_lora,
-        "max_live_parameters": zero_settings(ds_config)["max_live_parameters"],
+        "max_live_parameters": zero_settings(ds_config)["max_live_parameters"], "ds_config": cfg.trainer.ds_config,
         "lora_fused_layers": list(fused_layer_count(assembled.model, latent.dtype if topo.device.type == "cpu" else torch.bfloat16)),
         "checkpointing": assembled.checkpointing, "attention_backend": assembled.model.attention.backend_used,
         "times": times, "first_loss": losses[0], "losses": losses, "build_seconds": build_seconds, "memory_after_build_gib": static_gib,

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The upstream guide's 14B LoRA command, translated: context parallel 4 (Ulysses SP=4), ZeRO-3 over all GPUs.
+# The upstream guide's 14B LoRA command, translated: context parallel 4 (Ulysses SP=4); the frozen base replicated
+# where the memory plan fits it (trainer.ds_config=auto, the 14B default), else ZeRO-3 over all GPUs.
 # Upstream runs it on 4 nodes x 8 GPUs; here it fits 4 GPUs (docs/performance.md). Several nodes: set HOSTFILE.
 # Usage: bash launch/train_14b.sh SHARD_DIR [more dotted overrides...]   (NUM_GPUS=8, or HOSTFILE=launch/hostfile.example)
 set -euo pipefail

@@ -378,6 +378,10 @@ def _cross_section_problems(cfg: RunConfig) -> list[tuple[str, str]]:
         frames = f" and the {latent_frames} latent frames (num_frames={model.num_frames})" if latent_frames else ""
         found.append(("model_parallel.context_parallel_size", f"must divide the {heads} attention heads of "
                       f"{model.model_size}{frames}; allowed: {', '.join(map(str, allowed))}"))
+    if cfg.trainer.ds_config == "auto" and model.model_size not in experiments.SHARDED_BASE_DS_CONFIGS:
+        found.append(("trainer.ds_config", f"auto chooses between the 2B's and 14B's DeepSpeed JSONs; for "
+                                           f"model.config.model_size={model.model_size} name a file, e.g. "
+                                           f"{experiments.DEFAULT_DS_CONFIGS.get(model.model_size, 'ds_configs/tiny_cpu.json')}"))
     total = sum(cfg.scheduler.cycle_lengths)
     if cfg.scheduler.type == "lambdalinear" and cfg.trainer.max_iter > total:
         found.append(("trainer.max_iter", f"exceeds the sum of scheduler.cycle_lengths ({total}), after which the "

@@ -284,7 +284,10 @@ class TrainerConfig:
     callbacks: CallbacksConfig = setting(factory=CallbacksConfig)
     """Upstream callback settings."""
     ds_config: str = ""
-    """DeepSpeed JSON; empty means ds_configs/2b_replicated_base.json, 14b.json or tiny_cpu.json by model size."""
+    """DeepSpeed JSON; empty means ds_configs/2b_replicated_base.json, `auto` or tiny_cpu.json by model size. `auto`
+    (2B, 14B): the replicated-base JSON where the memory plan fits it on the run's GPUs with no more recompute than
+    ZeRO-3 needs (faster: no parameter all-gathers), else the ZeRO-3 one (2b.json, 14b.json); chosen at the start and
+    written into the run folder's config."""
     zero_stage: int | None = None
     """ZeRO stage; empty (null) takes it from the JSON, a value must agree with it (or fill an "auto")."""
     gradient_clip: float = setting(1.0, check=NON_NEGATIVE)

@@ -66,7 +66,12 @@ class DeepSpeedConfigError(ValueError):
 
 def ds_config_path(cfg: RunConfig) -> Path:
     """trainer.ds_config as a file: as given if it exists (absolute or from the working directory), else from the
-    repository root (where ds_configs/ lives)."""
+    repository root (where ds_configs/ lives). `auto` not yet chosen for a GPU count and memory
+    (`toolkit.train.plan.choose_ds_config`) is the size's ZeRO-3 file."""
+    from toolkit.experiments import SHARDED_BASE_DS_CONFIGS
+
+    if cfg.trainer.ds_config == "auto" and cfg.model.model_size in SHARDED_BASE_DS_CONFIGS:
+        return REPOSITORY_ROOT / SHARDED_BASE_DS_CONFIGS[cfg.model.model_size]
     given = Path(cfg.trainer.ds_config)
     if given.is_absolute() or given.exists():
         return given

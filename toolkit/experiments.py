@@ -110,15 +110,18 @@ VIDEO_SIZES: dict[str, tuple[tuple[int, int], ...]] = {
 }
 """Official (H, W) sizes per resolution (16:9, 9:16, 1:1, 4:3, 3:4); the first is the default video_size."""
 
-DEFAULT_DS_CONFIGS = {"2B": "ds_configs/2b_replicated_base.json", "14B": "ds_configs/14b.json", "tiny": "ds_configs/tiny_cpu.json"}
+DEFAULT_DS_CONFIGS = {"2B": "ds_configs/2b_replicated_base.json", "14B": "auto", "tiny": "ds_configs/tiny_cpu.json"}
 """trainer.ds_config when left empty, by model size (relative to the repository root). The 2B's frozen base (3.9 GB)
-is replicated (ZeRO-2): faster than ZeRO-3 at every layout measured on H100 (docs/performance.md). The 14B keeps
-ZeRO-3, which fits everywhere; `ds_configs/14b_replicated_base.json` is faster where base + activations fit (2.7x at
-480p on 4 H200s at SP=4; the `--dry-run` plan and the trainer's start say when it fits:
-`toolkit.train.plan.replicated_base_hint`)."""
+is replicated (ZeRO-2): faster than ZeRO-3 at every layout measured on H100 (docs/performance.md). The 14B's is
+`auto`: chosen at the start from the memory plan (`toolkit.train.plan.choose_ds_config`)."""
 
 REPLICATED_BASE_DS_CONFIGS = {"2B": "ds_configs/2b_replicated_base.json", "14B": "ds_configs/14b_replicated_base.json"}
 """The DeepSpeed JSON per model size that keeps the frozen base whole on every rank (ZeRO stage 2)."""
+
+SHARDED_BASE_DS_CONFIGS = {"2B": "ds_configs/2b.json", "14B": "ds_configs/14b.json"}
+"""The DeepSpeed JSON per model size that shards the frozen base over all ranks (ZeRO-3): what `trainer.ds_config=auto`
+runs unless the plan fits the replicated base with no more recompute (2.7x faster for the 14B at 480p SP=4 on 4
+H200s, 1.17x at 720p with full recompute), and what `auto` means wherever no GPU count and memory were planned for."""
 
 
 def default_dit_path(model_size: str, resolution: str, fps: int) -> str:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from toolkit.config import load_run_config
+from toolkit.config import ConfigError, load_run_config
 from toolkit.lora.apply import LoraTargetError, apply_lora
 from toolkit.model import build_dit
 from toolkit.train.loop import check_resume_compatible, step_generator
@@ -63,6 +63,10 @@ def test_resume_refuses_changes_that_matter():
         check_resume_compatible(cfg, changed, 1, 1)
     with pytest.raises(ValueError, match="world size: checkpoint 2, now 1"):
         check_resume_compatible(cfg, cfg, 1, 2)
+    check_resume_compatible(cfg, cfg, 1, 1, 3, 3)
+    with pytest.raises(ValueError, match=r"ZeRO stage: checkpoint 3 \(trainer.ds_config=ds_configs/tiny_cpu.json\), now 2 "
+                                         r".*set trainer.ds_config=ds_configs/tiny_cpu.json to resume it"):
+        check_resume_compatible(cfg, cfg, 1, 1, 3, 2)
 
 
 def test_step_generator_depends_on_seed_rank_and_step_only():
@@ -98,7 +102,13 @@ def test_dry_run_plan_lines_and_memory_estimate_orders():
     lines = describe_plan(cfg, 8)
     assert lines[0].startswith("model 14B: Total parameters: 14,265,285,632; Trainable LoRA parameters: 143,917,056")
     assert "84,480 tokens" in lines[1] and "data-parallel 2 x sequence-parallel 4" in lines[2]
-    assert "torch.compile on the GPUs (model.config.compile=auto): elementwise" in lines[4]  # the 14B default is ZeRO-3
+    # the 14B's default JSON, auto, takes the replicated base on 8 80 GB GPUs (selective either way), so block compile
+    assert "ZeRO stage 2 (ds_configs/14b_replicated_base.json)" in lines[2]
+    assert "torch.compile on the GPUs (model.config.compile=auto): block" in lines[4]
+    assert lines[5].startswith("trainer.ds_config=auto: ds_configs/14b_replicated_base.json")
+    zero3 = describe_plan(load_run_config("predict2_video2world_lora_training_14b_custom_data", None,
+                                          ["trainer.ds_config=ds_configs/14b.json"]), 8)
+    assert "torch.compile on the GPUs (model.config.compile=auto): elementwise" in zero3[4]  # ZeRO-3 named
     two_b = describe_plan(load_run_config("predict2_video2world_lora_training_2b_custom_data", None, []), 1)
     assert two_b[4].startswith("torch.compile on the GPUs (model.config.compile=auto): block (each whole block")
     none, selective, full = (estimate_memory(cfg, 8, p).total_bytes for p in ("none", "selective", "full"))
@@ -141,11 +151,13 @@ def test_plan_names_the_replicated_base_where_it_fits_a_zero3_run():
     from toolkit.train.plan import replicated_base_hint
 
     def cfg(size, sp, *extra):
+        zero3 = ["trainer.ds_config=ds_configs/14b.json"] if size == "14b" else []  # named: `auto` chooses by itself
         return load_run_config(f"predict2_video2world_lora_training_{size}_custom_data", None, [
             "model.config.resolution=720", "dataloader_train.dataset.video_size=[704,1280]",
-            "dataloader_train.batch_size=1", f"model_parallel.context_parallel_size={sp}", *extra])
+            "dataloader_train.batch_size=1", f"model_parallel.context_parallel_size={sp}", *zero3, *extra])
 
     h100 = 80 * 2**30
+    assert replicated_base_hint(cfg("14b", 4, "trainer.ds_config=auto"), 4, h100) is None
     hint = replicated_base_hint(cfg("14b", 4), 4, h100)
     assert hint.startswith("faster where it fits: trainer.ds_config=ds_configs/14b_replicated_base.json")
     assert "checkpointing=selective" in hint and "ZeRO-3 needs selective" in hint
@@ -158,6 +170,58 @@ def test_plan_names_the_replicated_base_where_it_fits_a_zero3_run():
     assert replicated_base_hint(cfg("2b", 1), 1, h100) is None  # the 2B's default already keeps its base whole
     assert replicated_base_hint(cfg("2b", 4, "trainer.ds_config=ds_configs/2b.json"), 4, h100).startswith(
         "faster where it fits: trainer.ds_config=ds_configs/2b_replicated_base.json")
+
+
+def test_auto_ds_config_takes_the_replicated_base_where_it_fits_with_no_more_recompute():
+    """The 14B's default, trainer.ds_config=auto, becomes the replicated-base JSON where the plan fits it with a policy
+    no more expensive than ZeRO-3's (the run's own policy where it names one), else ZeRO-3's; a named file stays;
+    without GPU memory it is ZeRO-3's, which is also what `auto` reads as before it is chosen."""
+    from toolkit.ds_config import REPOSITORY_ROOT, ds_config_path
+    from toolkit.train.plan import choose_ds_config
+
+    def cfg(resolution, sp, *extra):
+        size = [704, 1280] if resolution == "720" else [432, 768]
+        return load_run_config("predict2_video2world_lora_training_14b_custom_data", None, [
+            f"model.config.resolution={resolution}", f"dataloader_train.dataset.video_size=[{size[0]},{size[1]}]",
+            "dataloader_train.batch_size=1", f"model_parallel.context_parallel_size={sp}", *extra])
+
+    h100 = 80 * 2**30
+    default = cfg("480", 1)
+    assert default.trainer.ds_config == "auto" and ds_config_path(default) == REPOSITORY_ROOT / "ds_configs/14b.json"
+
+    def chosen(c, world, memory=h100):
+        made, line = choose_ds_config(c, world, memory)
+        return made.trainer.ds_config, line
+
+    path, line = chosen(cfg("480", 1), 1)  # selective fits both ways on one H100 at 480p
+    assert path == "ds_configs/14b_replicated_base.json"
+    assert line.startswith("trainer.ds_config=auto: ds_configs/14b_replicated_base.json") and "checkpointing=selective" in line
+    assert chosen(cfg("720", 4), 4)[0] == "ds_configs/14b_replicated_base.json"
+    path, line = chosen(cfg("720", 1), 1)  # nothing fits one H100 at 720p: ZeRO-3 (the plan then names the offload JSON)
+    assert path == "ds_configs/14b.json" and "would not fit" in line
+    assert chosen(cfg("720", 4), 4, 60 * 2**30)[0] == "ds_configs/14b.json"  # the replicated base would need full there
+    # a named policy is planned as named: no recompute at 720p SP=4 fits neither way, so ZeRO-3 (as named)
+    assert chosen(cfg("720", 4, "model.config.activation_checkpointing=none"), 4)[0] == "ds_configs/14b.json"
+    assert chosen(cfg("720", 4, "model.config.activation_checkpointing=selective"), 4)[0] == "ds_configs/14b_replicated_base.json"
+    path, line = chosen(cfg("480", 1), 1, None)
+    assert path == "ds_configs/14b.json" and "no GPU to plan for" in line
+    assert chosen(cfg("480", 1, "trainer.zero_stage=3"), 1)[0] == "ds_configs/14b.json"  # a named stage decides
+    # the trainer's and benchmark's entry: on CPU there is no GPU memory to plan for
+    from toolkit.parallel.topology import Topology
+    from toolkit.train.build import choose_ds_config_for
+
+    cpu = Topology(world_size=1, rank=0, local_rank=0, sp_size=1, device=torch.device("cpu"))
+    made, line = choose_ds_config_for(cfg("480", 1), cpu)
+    assert made.trainer.ds_config == "ds_configs/14b.json" and "no GPU to plan for" in line
+    with pytest.raises(ConfigError, match="trainer.ds_config=auto.*name a file, e.g. ds_configs/tiny_cpu.json"):
+        load_run_config("tiny_demo", None, ["trainer.ds_config=auto"])
+    named = cfg("480", 1, "trainer.ds_config=ds_configs/14b.json")
+    assert choose_ds_config(named, 1, h100) == (named, None)
+    two_b = load_run_config("predict2_video2world_lora_training_2b_custom_data", None, [])
+    assert choose_ds_config(two_b, 1, h100) == (two_b, None)  # the 2B's default names its replicated base
+    plan = describe_plan(cfg("480", 4), 4, h100)
+    assert any(l.startswith("trainer.ds_config=auto: ds_configs/14b_replicated_base.json") for l in plan)
+    assert any("ZeRO stage 2 (ds_configs/14b_replicated_base.json)" in l for l in plan)
 
 
 def test_plan_reads_the_live_parameter_budget_from_the_deepspeed_json():

@@ -101,6 +101,28 @@ class AssembledModel:
     compile: str
 
 
+def smallest_gpu_memory(topology: Topology) -> float | None:
+    """Bytes of the smallest GPU among all ranks (every rank plans alike on mixed cards); None on CPU."""
+    if topology.device.type != "cuda":
+        return None
+    memory = torch.tensor([float(torch.cuda.get_device_properties(topology.device).total_memory)], device=topology.device)
+    import torch.distributed as dist
+
+    if dist.is_initialized() and topology.world_size > 1:
+        dist.all_reduce(memory, op=dist.ReduceOp.MIN)
+    return memory.item()
+
+
+def choose_ds_config_for(cfg: RunConfig, topology: Topology) -> tuple[RunConfig, str | None]:
+    """`trainer.ds_config=auto` chosen for this launch's GPUs (`toolkit.train.plan.choose_ds_config`): the run config
+    with a concrete path, and the line saying which and why (None where the config named a file)."""
+    if cfg.trainer.ds_config != "auto":
+        return cfg, None
+    from toolkit.train.plan import choose_ds_config
+
+    return choose_ds_config(cfg, topology.world_size, smallest_gpu_memory(topology))
+
+
 def choose_checkpointing(cfg: RunConfig, topology: Topology, ds_config: dict) -> str:
     """`auto`: none on CPU; on GPU the cheapest policy the memory plan fits in 90% of the card (none, then selective,
     which keeps attention outputs, then full recompute)."""

@@ -76,11 +76,12 @@ def _train(cfg, args, warnings_: list[str]) -> int:
     from toolkit.config import run_dir
     from toolkit.ds_config import DeepSpeedConfigError, resolve_ds_config
     from toolkit.parallel.topology import init_distributed, shutdown_distributed
-    from toolkit.train.build import COMPILE_NOTES
+    from toolkit.train.build import COMPILE_NOTES, choose_ds_config_for
     from toolkit.train.loop import NonFiniteLossError, ResumeMismatchError, train
     from toolkit.train.session import build_session
 
     topology = init_distributed(cfg.model_parallel.context_parallel_size)
+    cfg, chosen = choose_ds_config_for(cfg, topology)  # before the run folder's config is written: it records the choice
     directory = run_dir(cfg)
     try:
         ds_config = resolve_ds_config(cfg, topology.world_size, output_dir=directory if topology.is_main else None)
@@ -93,6 +94,8 @@ def _train(cfg, args, warnings_: list[str]) -> int:
         for warning in warnings_:
             print(f"warning: {warning}")
         print(f"run folder: {directory}")
+        if chosen:
+            print(chosen)
         print(topology.describe())
     session = build_session(cfg, topology, ds_config, args.vae)
     if topology.is_main:

@@ -50,11 +50,19 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resume_compatible(saved: dict, current: dict, world_size: int, saved_world: int) -> None:
+def check_resume_compatible(saved: dict, current: dict, world_size: int, saved_world: int,
+                            saved_zero_stage: int | None = None, zero_stage: int | None = None) -> None:
+    """Refuse a checkpoint whose run differs in what the resumed state depends on: RESUME_MUST_MATCH, the world size
+    and the ZeRO stage (its optimizer state is partitioned for the stage it was saved under; `trainer.ds_config=auto`
+    chooses the stage from the GPUs, so a relaunch on other cards could choose another)."""
     a, b = _flatten(saved), _flatten(current)
     diffs = [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in RESUME_MUST_MATCH if a.get(k) != b.get(k)]
     if saved_world != world_size:
         diffs.append(f"world size: checkpoint {saved_world}, now {world_size} (the data order and optimizer partitions depend on it)")
+    if saved_zero_stage is not None and zero_stage is not None and saved_zero_stage != zero_stage:
+        diffs.append(f"ZeRO stage: checkpoint {saved_zero_stage} (trainer.ds_config={a.get('trainer.ds_config')}), now "
+                     f"{zero_stage} ({b.get('trainer.ds_config')}); set trainer.ds_config={a.get('trainer.ds_config')} "
+                     "to resume it")
     if diffs:
         raise ResumeMismatchError(
             "refusing to resume: the configuration changed in what matters:\n  " + "\n  ".join(diffs)
@@ -101,7 +109,8 @@ def _resume(session: Session) -> tuple[int, dict]:
     if found is None:
         return 0, {}
     iteration, states = found
-    check_resume_compatible(states["model"]["config"], cfg.to_dict(), session.topology.world_size, states["trainer"]["world_size"])
+    check_resume_compatible(states["model"]["config"], cfg.to_dict(), session.topology.world_size, states["trainer"]["world_size"],
+                            states["optim"].get("zero_stage"), session.ds_config.get("zero_optimization", {}).get("stage"))
     if cfg.checkpoint.load_training_state:
         load_engine_state(session.paths, iteration, session.engine)
         if session.ema is not None and states["model"]["ema_lora"] is not None:

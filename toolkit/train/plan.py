@@ -162,11 +162,12 @@ def cheapest_fitting_policy(cfg: RunConfig, world_size: int, zero: dict, budget_
     return next((p for p in POLICIES if estimate_memory(cfg, world_size, p, **zero).total_bytes < budget_bytes), None)
 
 
-def replicated_base_hint(cfg: RunConfig, world_size: int, gpu_memory_bytes: float) -> str | None:
-    """For a ZeRO-3 run whose base is not offloaded: a line naming the replicated-base JSON when it fits with a
-    checkpointing policy no more expensive than ZeRO-3's (90% of the card, as `activation_checkpointing: auto`
-    budgets). It avoids the per-block parameter all-gathers and allows whole-block compile; on 4 H200s at SP=4 the
-    14B's step is 2.7x faster with it at 480p (same machine) and 1.17x at 720p with full recompute (docs/performance.md)."""
+def replicated_base_fit(cfg: RunConfig, world_size: int, gpu_memory_bytes: float) -> tuple[str, float, str] | None:
+    """For a ZeRO-3 run whose base is not offloaded: (policy, GiB per GPU, ZeRO-3's policy) when the size's
+    replicated-base JSON fits in 90% of the card (as `activation_checkpointing: auto` budgets) with a checkpointing
+    policy no more expensive than ZeRO-3's (the run's own policy when it names one); else None, also where ZeRO-3
+    fits no policy (at the real sizes, 480p and 720p on 1 to 8 cards of 40 to 139 GiB, the replicated base then fits
+    none either)."""
     from toolkit.ds_config import REPOSITORY_ROOT, load_ds_config
     from toolkit.experiments import REPLICATED_BASE_DS_CONFIGS
 
@@ -175,20 +176,75 @@ def replicated_base_hint(cfg: RunConfig, world_size: int, gpu_memory_bytes: floa
     if path is None or zero["zero_stage"] != 3 or zero["offload_param"]:
         return None
     budget = 0.9 * gpu_memory_bytes
-    sharded = cheapest_fitting_policy(cfg, world_size, zero, budget)
     whole_zero = zero_settings(load_ds_config(REPOSITORY_ROOT / path), 2)
-    whole = cheapest_fitting_policy(cfg, world_size, whole_zero, budget)
+    named = cfg.model.activation_checkpointing
+    if named == "auto":
+        sharded = cheapest_fitting_policy(cfg, world_size, zero, budget)
+        whole = cheapest_fitting_policy(cfg, world_size, whole_zero, budget)
+    else:
+        sharded = named
+        whole = named if estimate_memory(cfg, world_size, named, **whole_zero).total_bytes < budget else None
     if sharded is None or whole is None or POLICIES.index(whole) > POLICIES.index(sharded):
         return None
-    estimate = estimate_memory(cfg, world_size, whole, **whole_zero).total_bytes / GIB
+    return whole, estimate_memory(cfg, world_size, whole, **whole_zero).total_bytes / GIB, sharded
+
+
+MEASURED_REPLICATED_GAIN = "2.7x at 480p SP=4 on 4 H200s, 1.17x at 720p with full recompute (docs/performance.md)"
+"""The replicated base against ZeRO-3 for the 14B, same flags otherwise (benchmarks/run_gpu_matrix.sh zero3_ab)."""
+
+
+def replicated_base_hint(cfg: RunConfig, world_size: int, gpu_memory_bytes: float) -> str | None:
+    """For a ZeRO-3 run named explicitly (not `auto`, which chooses by itself): a line naming the replicated-base JSON
+    where `replicated_base_fit` says it fits. It avoids the per-block parameter all-gathers and allows whole-block
+    compile."""
+    from toolkit.experiments import REPLICATED_BASE_DS_CONFIGS
+
+    fit = None if cfg.trainer.ds_config == "auto" else replicated_base_fit(cfg, world_size, gpu_memory_bytes)
+    if fit is None:
+        return None
+    whole, estimate, sharded = fit
+    path = REPLICATED_BASE_DS_CONFIGS[cfg.model.model_size]
     return (f"faster where it fits: trainer.ds_config={path} keeps the frozen base whole on every GPU (ZeRO stage 2: "
             f"no parameter all-gathers, and compile=auto compiles whole blocks); it fits here with checkpointing={whole} "
-            f"({estimate:.1f} GiB per GPU; ZeRO-3 needs {sharded}). Measured on 4 H200s at SP=4, same machine: the 14B "
-            f"at 480p 2.58 s/it against 6.95 under ZeRO-3 (docs/performance.md)")
+            f"({estimate:.1f} GiB per GPU; ZeRO-3 needs {sharded}). Measured for the 14B: {MEASURED_REPLICATED_GAIN}")
+
+
+def choose_ds_config(cfg: RunConfig, world_size: int, gpu_memory_bytes: float | None) -> tuple[RunConfig, str | None]:
+    """`trainer.ds_config=auto` (the 14B's default) made concrete for `world_size` GPUs of `gpu_memory_bytes`: the
+    replicated-base JSON where `replicated_base_fit` says it fits, else the ZeRO-3 one (also without GPU memory to
+    plan for, e.g. on CPU). Returns the config with that path and the line saying which and why; any other value is
+    returned as it is, with no line."""
+    import dataclasses
+
+    from toolkit.experiments import REPLICATED_BASE_DS_CONFIGS, SHARDED_BASE_DS_CONFIGS
+
+    size = cfg.model.model_size
+    if cfg.trainer.ds_config != "auto" or size not in SHARDED_BASE_DS_CONFIGS:
+        return cfg, None
+
+    def using(path: str) -> RunConfig:
+        return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, ds_config=path))
+
+    sharded_path, whole_path = SHARDED_BASE_DS_CONFIGS[size], REPLICATED_BASE_DS_CONFIGS[size]
+    sharded = using(sharded_path)
+    if cfg.trainer.zero_stage is not None:  # a stage named in the run config picks the JSON of that stage
+        return (sharded, f"trainer.ds_config=auto: {sharded_path} (trainer.zero_stage=3)") if cfg.trainer.zero_stage == 3 \
+            else (using(whole_path), f"trainer.ds_config=auto: {whole_path} (trainer.zero_stage={cfg.trainer.zero_stage})")
+    fit = replicated_base_fit(sharded, world_size, gpu_memory_bytes) if gpu_memory_bytes else None
+    if fit is None:
+        why = ("no GPU to plan for" if not gpu_memory_bytes else
+               "the base whole on every GPU would not fit, or only with more recompute than ZeRO-3 needs")
+        return sharded, f"trainer.ds_config=auto: {sharded_path} (ZeRO-3: {why})"
+    whole, estimate, sharded_policy = fit
+    return using(whole_path), (
+        f"trainer.ds_config=auto: {whole_path} (the frozen base whole on every GPU: no parameter all-gathers; fits with "
+        f"checkpointing={whole}, {estimate:.1f} GiB per GPU, where ZeRO-3 needs {sharded_policy}; measured for the 14B: "
+        f"{MEASURED_REPLICATED_GAIN}); trainer.ds_config={sharded_path} runs ZeRO-3 instead")
 
 
 def describe_plan(cfg: RunConfig, world_size: int, gpu_memory_bytes: float = 80e9, policy: str | None = None) -> list[str]:
-    """The lines `--dry-run` prints."""
+    """The lines `--dry-run` prints (`trainer.ds_config=auto` chosen for these GPUs first, with its line)."""
+    cfg, chosen = choose_ds_config(cfg, world_size, gpu_memory_bytes)
     config = resolve_dit_config(cfg.model.model_size)
     zero = configured_zero_settings(cfg)
     stage, offload = zero["zero_stage"], zero["offload_param"]
@@ -209,6 +265,8 @@ def describe_plan(cfg: RunConfig, world_size: int, gpu_memory_bytes: float = 80e
         f"FLOPs per optimizer step: {flops / 1e15:.2f} PFLOP (model FLOPs, recompute not counted)",
         f"torch.compile on the GPUs (model.config.compile={cfg.model.compile}): {_compile_line(cfg, sp, stage)}",
     ]
+    if chosen:
+        lines.append(chosen)
     if offload:
         lines.append(f"base parameters offloaded (offload_param): {2 * total / (world_size * GIB):.1f} GiB of pinned host "
                      "memory per GPU's rank; each step streams the base to the GPU block by block")
