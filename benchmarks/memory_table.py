@@ -3,9 +3,9 @@
     python -m benchmarks.memory_table [--gpu_memory_gib 80]
     python -m benchmarks.memory_table --against_results     # the plan against every measured LoRA row's peak
 
-Per cell: the cheapest activation-checkpointing policy that fits (none < selective < full) and its estimate in
-GiB, or `no` when even full recompute does not fit; each size with its default DeepSpeed JSON (2B: replicated base,
-ZeRO-2; 14B: `auto`, the replicated base where it fits with no more recompute than ZeRO-3, marked, else ZeRO-3),
+Per cell: the cheapest activation-checkpointing policy that fits in 90% of the card (`AUTO_MEMORY_FRACTION`, as
+training's `auto` chooses; none < selective < full) and its estimate in GiB, or `no` when even full recompute does
+not fit; each size with its default DeepSpeed JSON (2B: replicated base, ZeRO-2; 14B: `auto`, the replicated base where it fits with no more recompute than ZeRO-3, marked, else ZeRO-3),
 and for a 14B cell that does not fit, the same with its base offloaded to host memory
 (ds_configs/14b_offload.json). `--against_results` checks the estimate against the peak allocated memory of every LoRA row
 in benchmarks/results/*.json (same size, resolution, SP, policy, ZeRO stage and compile setting as the row).
@@ -19,7 +19,8 @@ from pathlib import Path
 
 from toolkit.config import load_run_config
 from toolkit.experiments import VIDEO_SIZES
-from toolkit.train.plan import ZERO3_MAX_LIVE_PARAMETERS, choose_ds_config, configured_zero_settings, estimate_memory
+from toolkit.train.plan import (AUTO_MEMORY_FRACTION, ZERO3_MAX_LIVE_PARAMETERS, choose_ds_config, configured_zero_settings,
+                                estimate_memory)
 
 EXPERIMENTS = {"2B": "predict2_video2world_lora_training_2b_custom_data", "14B": "predict2_video2world_lora_training_14b_custom_data"}
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -78,12 +79,12 @@ def cell(size: str, resolution: str, gpus: int, limit: float) -> str:
     mark = " (replicated)" if size == "14B" and zero["zero_stage"] != 3 else ""
     for policy in ("none", "selective", "full"):
         total = estimate_memory(cfg, gpus, policy, **zero).total_bytes / 2**30
-        if total <= 0.95 * limit:
+        if total < AUTO_MEMORY_FRACTION * limit:
             return f"{policy} {total:.0f}{mark}"
     if size == "14B":  # ds_configs/14b_offload.json: the ZeRO-3 base in host memory
         for policy in ("none", "selective", "full"):
             offloaded = estimate_memory(cfg, gpus, policy, 3, offload_param=True).total_bytes / 2**30
-            if offloaded <= 0.95 * limit:
+            if offloaded < AUTO_MEMORY_FRACTION * limit:
                 return f"no ({total:.0f}); offload: {policy} {offloaded:.0f}"
     return f"no ({total:.0f})"
 

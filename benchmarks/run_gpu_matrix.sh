@@ -18,6 +18,8 @@
 #                                                           # to SP=8, side by side where GPUs allow;
 #                                                           # zero3_8: the 14B on 8 GPUs, ZeRO-3 and defaults);
 #                                                           # zero3_ab (replicated base vs ZeRO-3, 14B SP=4);
+#                                                           # cli (the training command, 14B defaults, 1 GPU;
+#                                                           # E2E_SHARDS=latent shards at 480p)
 #                                                           # fullblock, fulltags (full recompute under block
 #                                                           # compile; its recompute tags against plain ones)
 #                                                           # MIN_GPUS=2 skips 1-GPU rows
@@ -31,7 +33,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 if [ -n "${WHEELHOUSE:-}" ]; then python3 -m pip install -q --no-index --no-deps "$WHEELHOUSE"/*.whl; fi
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
 SETS=${SETS:-all}   # e.g. SETS="compile rows2b" runs only those sets (each fits a 10-minute slot on 4 H100s)
-NAMED_ONLY=" blockc blockc14 blockc2 scale14 scale14_720 zero3_480 zero3_ab scale720 zero3_8 fullblock fulltags "   # comparisons, not in `all`
+NAMED_ONLY=" cli blockc blockc14 blockc2 scale14 scale14_720 zero3_480 zero3_ab scale720 zero3_8 fullblock fulltags "   # comparisons, not in `all`
 selected() {  # selected SET: whether SETS asks for it
   if [ "$SETS" = all ]; then [[ "$NAMED_ONLY" != *" $1 "* ]]; else [[ " $SETS " == *" $1 "* ]]; fi
 }
@@ -281,6 +283,25 @@ run more14b 1 400 $ONE python3 $TT --size 14B --resolution 720 --checkpointing f
 # gen14b: 14B generation at 720p on 2 and 4 GPUs (generate14b: on 1 GPU)
 run gen14b 2 150 $TR --nproc_per_node=2 $GT --size 14B --resolution 720 --sp 2 --measured_steps 1 $CU
 run gen14b 4 150 $TR --nproc_per_node=4 $GT --size 14B --resolution 720 --sp 4 --measured_steps 2 $CU
+# cli: the training command itself on one GPU with the 14B's defaults (trainer.ds_config=auto, checkpointing and
+# compile auto, batch 2) at 480p, on the latent shards in E2E_SHARDS (real shapes: e.g. build_shards --latents
+# --vae tiny --t5 tiny --resolution 480 --num_frames 93), after the benchmark row with the defaults at batch 1:
+# 1 iteration and a checkpoint; a relaunch to 2 resumes; a relaunch naming the ZeRO-3 JSON is refused (another
+# ZeRO stage). Named only.
+run cli 1 240 $ONE python3 $TT --size 14B --resolution 480 --checkpointing auto --steps 2 --tag defaults
+if selected cli && [ -n "${E2E_SHARDS:-}" ]; then
+  CLI=(-m toolkit.train --experiment predict2_video2world_lora_training_14b_custom_data
+       "dataloader_train.dataset.dataset_dir=$E2E_SHARDS" model.config.allow_random_base=true model.config.resolution=480
+       "dataloader_train.dataset.video_size=[432,768]" model_parallel.context_parallel_size=1 "job.output_root=$OUT/cli"
+       checkpoint.save_iter=1 trainer.logging_iter=1)
+  for launch in "trainer.max_iter=1" "trainer.max_iter=2" "trainer.max_iter=3 trainer.ds_config=ds_configs/14b.json"; do
+    echo "=== [cli] toolkit.train ... $launch"
+    # shellcheck disable=SC2086
+    timeout 300 $ONE python3 "${CLI[@]}" $launch > "$OUT/cli.log" 2>&1; echo "exit $?"
+    grep -E "ds_config=auto|run folder|resumed|refusing|ZeRO stage|iteration|loss|Error|error" "$OUT/cli.log" | grep -v Warning | tail -12
+    cat "$OUT/cli.log" >> "$OUT/all.log"
+  done
+fi
 # lora_generate: LoRA generation on 1 and 2 GPUs gives identical frames
 if selected lora_generate; then
   python3 -m benchmarks.make_random_adapter --size 2B --rank 16 --output "$OUT/adapter_2b" > /dev/null

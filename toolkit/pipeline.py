@@ -21,7 +21,8 @@ import av
 import numpy as np
 import torch
 
-from toolkit.data.video import IMAGE_SUFFIXES, VideoError, cover_crop_size, decode_frames, load_image, probe_video
+from toolkit.data.video import (IMAGE_SUFFIXES, VideoError, cover_crop_size, decode_frames, load_image, own_reformatter,
+                                 probe_video)
 from toolkit.diffusion.conditioning import condition_mask
 from toolkit.diffusion.sampler import guided_denoise_fn, initial_noise, sample
 from toolkit.diffusion.schedule import ObjectiveConfig, SamplerConfig
@@ -117,8 +118,8 @@ def resize_cover_crop(image_H_W_3: np.ndarray, size: tuple[int, int]) -> np.ndar
     if (height, width) != (source_height, source_width):
         shrink = height <= source_height and width <= source_width
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image_H_W_3), format="rgb24")
-        image_H_W_3 = frame.reformat(
-            width=width, height=height, format="rgb24", interpolation="AREA" if shrink else "BICUBIC"
+        image_H_W_3 = own_reformatter().reformat(
+            frame, width=width, height=height, format="rgb24", interpolation="AREA" if shrink else "BICUBIC"
         ).to_ndarray()
     top, left = (height - target_height) // 2, (width - target_width) // 2
     return np.ascontiguousarray(image_H_W_3[top : top + target_height, left : left + target_width])

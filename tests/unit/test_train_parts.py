@@ -55,6 +55,22 @@ def test_power_ema_update_is_the_weighted_average():
     torch.testing.assert_close(ema.shadow[0], beta * param + (1 - beta) * new)
 
 
+def test_power_ema_state_loaded_from_the_cpu_returns_to_its_parameters_device():
+    """Resume loads checkpoints with map_location="cpu"; the shadow must go back to the parameters' device (on a GPU
+    the first update after a resume failed: "Expected all tensors to be on the same device"). The meta device stands
+    in for the GPU here."""
+    param = torch.empty(3, dtype=torch.bfloat16, device="meta")
+    ema = PowerEMA([param], 0.1)
+    ema.load_state_dict({"shadow": [torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)]})
+    assert ema.shadow[0].device.type == "meta" and ema.shadow[0].dtype == torch.float32
+    ema.update([param], 3)  # raised on the old code: a CPU shadow against a parameter elsewhere
+    cpu = PowerEMA([torch.zeros(3)], 0.1)
+    saved = torch.tensor([1.0, 2.0, 3.0])
+    cpu.load_state_dict({"shadow": [saved]})
+    saved.add_(1)  # a copy, not a view of the loaded state
+    assert torch.equal(cpu.shadow[0], torch.tensor([1.0, 2.0, 3.0]))
+
+
 def test_resume_refuses_changes_that_matter():
     cfg = load_run_config("tiny_demo", None, []).to_dict()
     check_resume_compatible(cfg, cfg, 1, 1)
@@ -102,10 +118,17 @@ def test_dry_run_plan_lines_and_memory_estimate_orders():
     lines = describe_plan(cfg, 8)
     assert lines[0].startswith("model 14B: Total parameters: 14,265,285,632; Trainable LoRA parameters: 143,917,056")
     assert "84,480 tokens" in lines[1] and "data-parallel 2 x sequence-parallel 4" in lines[2]
-    # the 14B's default JSON, auto, takes the replicated base on 8 80 GB GPUs (selective either way), so block compile
+    # the 14B's default JSON, auto, takes the replicated base on 8 80 GB GPUs (full recompute either way), so block compile
     assert "ZeRO stage 2 (ds_configs/14b_replicated_base.json)" in lines[2]
     assert "torch.compile on the GPUs (model.config.compile=auto): block" in lines[4]
     assert lines[5].startswith("trainer.ds_config=auto: ds_configs/14b_replicated_base.json")
+    # the policy training's `auto` takes, judged on the same 90% of the card as the fits / does NOT fit verdicts
+    assert "model.config.activation_checkpointing=auto takes: full (the cheapest that fits" in lines[-1]
+    assert any("checkpointing=full" in line and "54.7 GiB (fits in 90% of 75 GiB)" in line for line in lines)
+    assert any("checkpointing=selective" in line and "81.3 GiB (does NOT fit" in line for line in lines)
+    one_sample = describe_plan(load_run_config("predict2_video2world_lora_training_14b_custom_data", None,
+                                               ["dataloader_train.batch_size=1"]), 8)
+    assert "model.config.activation_checkpointing=auto takes: selective" in one_sample[-1]
     zero3 = describe_plan(load_run_config("predict2_video2world_lora_training_14b_custom_data", None,
                                           ["trainer.ds_config=ds_configs/14b.json"]), 8)
     assert "torch.compile on the GPUs (model.config.compile=auto): elementwise" in zero3[4]  # ZeRO-3 named

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 VideoSource = bytes | str | Path
 RESIZE_MODES = ("stretch", "cover_crop")
@@ -155,17 +156,24 @@ def _interpolation(source_height: int, source_width: int, height: int, width: in
     return "AREA" if height <= source_height and width <= source_width else "BICUBIC"
 
 
-def _to_rgb(frame: av.VideoFrame, size: tuple[int, int] | None, resize: str) -> np.ndarray:
+def own_reformatter() -> VideoReformatter:
+    """A swscale converter for one call's frames. Not `frame.reformat()` / `frame.to_ndarray(format=...)`: PyAV 18
+    shares one converter per thread, and a DataLoader worker forked after its parent converted a frame inherits it
+    without its slice threads, so the worker's first conversion of the same shape waited forever."""
+    return VideoReformatter()
+
+
+def _to_rgb(frame: av.VideoFrame, size: tuple[int, int] | None, resize: str, reformatter: VideoReformatter) -> np.ndarray:
     """One frame to uint8 [H,W,3], resized inside FFmpeg (swscale) and centre-cropped for `cover_crop`."""
     if size is None:
-        return frame.to_ndarray(format="rgb24")
+        return reformatter.reformat(frame, format="rgb24").to_ndarray()
     target_height, target_width = size
     if resize == "stretch":
         height, width = target_height, target_width
     else:
         height, width = cover_crop_size(frame.height, frame.width, target_height, target_width)
     interpolation = _interpolation(frame.height, frame.width, height, width)
-    image_H_W_3 = frame.reformat(width=width, height=height, format="rgb24", interpolation=interpolation).to_ndarray()
+    image_H_W_3 = reformatter.reformat(frame, width=width, height=height, format="rgb24", interpolation=interpolation).to_ndarray()
     top = (height - target_height) // 2
     left = (width - target_width) // 2
     return image_H_W_3[top : top + target_height, left : left + target_width]
@@ -193,6 +201,7 @@ def decode_frames(
     container, num_bytes = _open(data)
     frames: list[np.ndarray] = []
     index = 0
+    reformatter = own_reformatter()
     with container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -201,7 +210,7 @@ def decode_frames(
                 _check_packet(packet, num_bytes, label)
                 for frame in packet.decode():
                     if index >= start:
-                        frames.append(_to_rgb(frame, size, resize))
+                        frames.append(_to_rgb(frame, size, resize, reformatter))
                     index += 1
                     if len(frames) == num_frames:
                         return np.stack(frames)

@@ -124,17 +124,17 @@ def choose_ds_config_for(cfg: RunConfig, topology: Topology) -> tuple[RunConfig,
 
 
 def choose_checkpointing(cfg: RunConfig, topology: Topology, ds_config: dict) -> str:
-    """`auto`: none on CPU; on GPU the cheapest policy the memory plan fits in 90% of the card (none, then selective,
-    which keeps attention outputs, then full recompute)."""
+    """`auto`: none on CPU; on GPU the cheapest policy the memory plan fits in AUTO_MEMORY_FRACTION (90%) of the card
+    (none, then selective, which keeps attention outputs, then full recompute)."""
     policy = cfg.model.activation_checkpointing
     if policy != "auto":
         return policy
     if topology.device.type != "cuda":
         return "none"
-    from toolkit.train.plan import cheapest_fitting_policy, zero_settings
+    from toolkit.train.plan import AUTO_MEMORY_FRACTION, cheapest_fitting_policy, zero_settings
 
-    total = torch.cuda.get_device_properties(topology.device).total_memory
-    return cheapest_fitting_policy(cfg, topology.world_size, zero_settings(ds_config), 0.9 * total) or "full"
+    budget = AUTO_MEMORY_FRACTION * smallest_gpu_memory(topology)  # every rank chooses alike on mixed cards
+    return cheapest_fitting_policy(cfg, topology.world_size, zero_settings(ds_config), budget) or "full"
 
 
 def choose_compile(cfg: RunConfig, topology: Topology, ds_config: dict) -> str:

@@ -83,5 +83,6 @@ class PowerEMA:
     def load_state_dict(self, state: dict) -> None:
         if len(state["shadow"]) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(state["shadow"], self.shadow)):
             raise ValueError("EMA state does not match the adapter's parameters (rank or targets changed?)")
-        self.shadow = [s.float().clone() for s in state["shadow"]]
+        # checkpoints load on the CPU (map_location="cpu"): each shadow goes back to where its parameter lives
+        self.shadow = [s.to(device=mine.device, dtype=torch.float32, copy=True) for s, mine in zip(state["shadow"], self.shadow)]
 

@@ -155,6 +155,10 @@ def _compile_line(cfg: RunConfig, sp: int, stage: int) -> str:
 
 
 POLICIES = ("none", "selective", "full")  # cheapest first, as choose_checkpointing tries them
+AUTO_MEMORY_FRACTION = 0.9
+"""The share of a GPU's memory a plan may fill: `activation_checkpointing: auto` and `trainer.ds_config: auto` choose
+within it, and `--dry-run` and benchmarks/memory_table.py call a plan that fits within it `fits` (the rest is
+headroom for the allocator's fragmentation and the CUDA context, which the estimate does not count)."""
 
 
 def cheapest_fitting_policy(cfg: RunConfig, world_size: int, zero: dict, budget_bytes: float) -> str | None:
@@ -175,7 +179,7 @@ def replicated_base_fit(cfg: RunConfig, world_size: int, gpu_memory_bytes: float
     path = REPLICATED_BASE_DS_CONFIGS.get(cfg.model.model_size)
     if path is None or zero["zero_stage"] != 3 or zero["offload_param"]:
         return None
-    budget = 0.9 * gpu_memory_bytes
+    budget = AUTO_MEMORY_FRACTION * gpu_memory_bytes
     whole_zero = zero_settings(load_ds_config(REPOSITORY_ROOT / path), 2)
     named = cfg.model.activation_checkpointing
     if named == "auto":
@@ -274,9 +278,13 @@ def describe_plan(cfg: RunConfig, world_size: int, gpu_memory_bytes: float = 80e
     fits = []
     for name in policies:
         estimate = estimate_memory(cfg, world_size, name, **zero)
-        ok = estimate.total_bytes <= 0.95 * gpu_memory_bytes
+        ok = estimate.total_bytes < AUTO_MEMORY_FRACTION * gpu_memory_bytes
         fits.append((name, ok))
-        lines.append(f"memory per GPU, checkpointing={name}: {estimate.describe()} ({'fits' if ok else 'does NOT fit'} in {gpu_memory_bytes / GIB:.0f} GiB)")
+        lines.append(f"memory per GPU, checkpointing={name}: {estimate.describe()} ({'fits' if ok else 'does NOT fit'} in "
+                     f"{AUTO_MEMORY_FRACTION:.0%} of {gpu_memory_bytes / GIB:.0f} GiB)")
+    if not policy and cfg.model.activation_checkpointing == "auto":
+        taken = next((name for name, ok in fits if ok), "full")
+        lines.append(f"model.config.activation_checkpointing=auto takes: {taken} (the cheapest that fits; full where none does)")
     hint = replicated_base_hint(cfg, world_size, gpu_memory_bytes)
     if hint:
         lines.append(hint)
