@@ -185,6 +185,59 @@ def test_workers_give_the_same_batches(folder7):
     assert_same_batches(list(build_eval_stream(spec, 3)), list(build_eval_stream(two_workers, 3)))
 
 
+FORKED_WORKERS_SCRIPT = """
+import gc, os, sys
+from toolkit.data import video
+from toolkit.data.loader import LoaderSpec, build_train_stream
+
+folder, mp4 = sys.argv[1], sys.argv[2]
+spec = dict(num_frames=5, video_size=(16, 16), text_len=16)
+# the parent decodes first: a 0-worker stream, and PyAV's own per-thread converter at the same shape
+next(iter(build_train_stream(LoaderSpec(dataset_dirs=[folder], batch_size=2, num_workers=0, **spec), 0, 1)))
+with video.av.open(mp4) as container:
+    next(container.decode(video=0)).reformat(width=16, height=16, format="rgb24")
+# garbage in a cycle that holds a decode's swscale converter (an exception's traceback), left for a collection
+gc.disable()
+try:
+    video.decode_frames(mp4, 0, 10_000, (16, 16))
+except video.VideoError as error:
+    cycle = [error]
+    cycle.append(cycle)
+del cycle
+os.register_at_fork(after_in_child=gc.collect)  # a worker collects what it inherited, as it eventually would
+batches = iter(build_train_stream(LoaderSpec(dataset_dirs=[folder], batch_size=2, num_workers=2, **spec), 0, 1))
+print("batches", [tuple(next(batches)["video"].shape) for _ in range(3)])
+"""
+
+
+def test_forked_workers_decode_after_the_parent_did(tmp_path):
+    """DataLoader workers are forked. They hung on both of these, in the CI's run of the test above: PyAV 18's
+    per-thread swscale converter, inherited without its slice threads, at the worker's first conversion of a shape
+    the parent had converted; and a converter left in the parent's garbage, freed by the worker's collector, which
+    joined threads the worker never had. Run in a subprocess with a time limit, so a hang fails instead of stalling."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.distributed.launch import ROOT, worker_env
+
+    folder = write_folder(tmp_path / "clips", 4)
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(make_mp4(CLIP_FRAMES, 0))
+    process = subprocess.Popen([sys.executable, "-c", FORKED_WORKERS_SCRIPT, str(folder), str(clip)], cwd=ROOT,
+                               env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the script and its hung workers
+        process.communicate()
+        pytest.fail("a forked loader worker hung decoding (an inherited swscale converter or decoder)")
+    assert process.returncode == 0, stderr[-3000:]
+    assert "batches [(2, 3, 5, 16, 16), (2, 3, 5, 16, 16), (2, 3, 5, 16, 16)]" in stdout
+
+
 def test_latent_path_selection(tmp_path):
     folder = write_folder(tmp_path / "latents", 4, latents=LATENT_SPEC)
     stream = build_train_stream(LoaderSpec(dataset_dirs=[folder], batch_size=2, **SMALL), 0, 1)

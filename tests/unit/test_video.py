@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -161,30 +159,3 @@ def test_load_image_formats_and_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.png"):
         load_image(tmp_path / "missing.png")
 
-
-def _decode_in_child(path: str, size: tuple[int, int], queue) -> None:
-    queue.put(decode_frames(path, 0, 4, size).shape)
-
-
-@pytest.mark.parametrize("size", [(16, 16), None])
-def test_a_worker_forked_after_its_parent_decoded_can_decode(tmp_path, size):
-    """DataLoader workers are forked: with PyAV 18's per-thread swscale converter (frame.reformat), a child forked
-    after the parent converted a frame inherited the converter without its slice threads and hung on its first
-    conversion of the same shape (the CI's loader test hung this way)."""
-    path = tmp_path / "clip.mp4"
-    make_moving_square_clip(path, num_frames=8, width=320, height=240, seed=3)
-    expected = decode_frames(path, 0, 4, size)  # the parent converts frames first, as a 0-worker stream does
-    with video.av.open(str(path)) as container:  # and through PyAV's own per-thread converter, as other code may
-        converted = next(container.decode(video=0)).reformat(width=16, height=16, format="rgb24").to_ndarray()
-    assert converted.shape == (16, 16, 3)
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    child = context.Process(target=_decode_in_child, args=(str(path), size, queue))
-    child.start()
-    child.join(30)
-    hung = child.is_alive()
-    if hung:
-        child.kill()
-        child.join()
-    assert not hung, "the forked child hung decoding (an inherited swscale converter)"
-    assert child.exitcode == 0 and queue.get(timeout=10) == expected.shape

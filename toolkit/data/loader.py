@@ -26,6 +26,7 @@ Legend: B batch, T pixel frames, H/W pixels, t/h/w latent frames/rows/columns, L
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from collections.abc import Iterator
@@ -295,6 +296,9 @@ def _iterate(source: BatchSource, num_workers: int, pin_memory: bool) -> Iterato
     loader = torch.utils.data.DataLoader(
         source, batch_size=None, num_workers=num_workers, prefetch_factor=2, pin_memory=pin_memory
     )
+    # Workers are forked now. Garbage left in cycles here (an exception's traceback that still holds a decoder or a
+    # swscale converter) would otherwise be freed inside a worker, which then joins threads it never had: it hung.
+    gc.collect()
     return iter(loader)
 
 

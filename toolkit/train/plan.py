@@ -2,8 +2,8 @@
 
 Memory model (bytes per GPU), fitted to the measured peak allocated memory of every LoRA row in
 benchmarks/results (`python -m benchmarks.memory_table --against_results`: fitted on 21 rows, within 2.5%; of the
-90 rows measured as runs now start, 85 are within 2% and five within 4%: the 14B with its base offloaded, four
-block-compiled 2B rows at 480p on one GPU):
+91 rows measured as runs now start, 88 are within 2% and three within 4% (rounded): the 14B with its base offloaded,
+two block-compiled 2B rows at 480p on one GPU):
 - frozen base: 2 bytes/param (bf16) divided over the ZeRO-3 group, plus the gathered working set: at least three
   blocks (the one in use and the prefetch), and up to stage3_max_live_parameters (1e9 in ds_configs/2b.json and
   14b.json, DeepSpeed's default) when blocks are small: the 2B under ZeRO-3 at SP=2 and SP=4 holds 2.1-2.2 GiB
