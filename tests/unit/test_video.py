@@ -158,4 +158,3 @@ def test_load_image_formats_and_errors(tmp_path):
         load_image(tmp_path / "broken.webp")
     with pytest.raises(FileNotFoundError, match="missing.png"):
         load_image(tmp_path / "missing.png")
-

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from toolkit.config import RunConfig, resolved_lora_targets
 from toolkit.lora.apply import LoraStats, apply_lora
@@ -106,8 +107,6 @@ def smallest_gpu_memory(topology: Topology) -> float | None:
     if topology.device.type != "cuda":
         return None
     memory = torch.tensor([float(torch.cuda.get_device_properties(topology.device).total_memory)], device=topology.device)
-    import torch.distributed as dist
-
     if dist.is_initialized() and topology.world_size > 1:
         dist.all_reduce(memory, op=dist.ReduceOp.MIN)
     return memory.item()

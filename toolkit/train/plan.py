@@ -230,10 +230,10 @@ def choose_ds_config(cfg: RunConfig, world_size: int, gpu_memory_bytes: float | 
         return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, ds_config=path))
 
     sharded_path, whole_path = SHARDED_BASE_DS_CONFIGS[size], REPLICATED_BASE_DS_CONFIGS[size]
-    sharded = using(sharded_path)
     if cfg.trainer.zero_stage is not None:  # a stage named in the run config picks the JSON of that stage
-        return (sharded, f"trainer.ds_config=auto: {sharded_path} (trainer.zero_stage=3)") if cfg.trainer.zero_stage == 3 \
-            else (using(whole_path), f"trainer.ds_config=auto: {whole_path} (trainer.zero_stage={cfg.trainer.zero_stage})")
+        path = sharded_path if cfg.trainer.zero_stage == 3 else whole_path
+        return using(path), f"trainer.ds_config=auto: {path} (trainer.zero_stage={cfg.trainer.zero_stage})"
+    sharded = using(sharded_path)
     fit = replicated_base_fit(sharded, world_size, gpu_memory_bytes) if gpu_memory_bytes else None
     if fit is None:
         why = ("no GPU to plan for" if not gpu_memory_bytes else
