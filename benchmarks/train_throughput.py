@@ -196,10 +196,10 @@ def _alternate(step_fn, model, steps: int, device) -> dict:
 def _compile_stats(model) -> dict:
     from torch._dynamo.utils import counters
 
-    from toolkit.model.fused import describe_compile
+    from toolkit.model.fused import describe_compile, dynamo_graph_breaks
 
     return {"compile": describe_compile(model), "compiled_graphs": counters["stats"].get("unique_graphs", 0),
-            "compiled_frames_ok": counters["frames"].get("ok", 0)}
+            "compiled_frames_ok": counters["frames"].get("ok", 0), "graph_breaks": dynamo_graph_breaks()}
 
 
 def run_lora(args) -> dict:

@@ -2,6 +2,7 @@
 backward, under every checkpointing policy; compiler failures fall back to eager with a warning."""
 
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch._dynamo.utils import counters
 from toolkit.model import build_dit
 from toolkit.model.fused import EAGER, Elementwise, apply_compile, describe_compile, elementwise_of, resolve_compile_mode
 from toolkit.parallel.checkpointing import apply_activation_checkpointing
+from toolkit.train.loop import _compile_fallback
 
 
 needs_compiler = pytest.mark.skipif(
@@ -173,6 +175,47 @@ def test_block_compile_probe_holds_nothing_for_backward():
     eager_fn = probe.eager
     probe.eager = lambda *a, **k: kept.append(eager_fn(*a, **k))
     assert _live_saved_bytes_after_forward(compiled) > second
+
+
+@torch._dynamo.disable
+def _opaque(x):
+    return x * 2 + 1
+
+
+class _SkippedBlock(torch.nn.Module):
+    """A block whose forward graph-breaks before any op: Dynamo skips the frame without an error."""
+
+    def forward(self, x):
+        return _opaque(x)
+
+
+class _TracedBlock(torch.nn.Module):
+    def forward(self, x):
+        return x.sin() + 1
+
+
+@needs_compiler
+@pytest.mark.parametrize("block", [_SkippedBlock, _TracedBlock])
+def test_block_compile_reports_a_frame_dynamo_skipped(block):
+    """A block compile where Dynamo captured no graph ran eagerly without any error (the 14B's 480p defaults row on
+    an H100 recorded 0 graphs): the description says so, naming the graph break, so the trainer's log and the
+    benchmark rows show it; a block that traced says `block`."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([block(), block()])
+    assert apply_compile(model, "block", "cpu") == "block"
+    x = torch.randn(3)
+    assert describe_compile(model) == "block"  # nothing called yet: nothing to judge
+    for b in model.blocks:
+        torch.testing.assert_close(b(x), b.__class__.forward(b, x))
+    warning = _compile_fallback(SimpleNamespace(assembled=SimpleNamespace(model=model, compile="block")))
+    if block is _SkippedBlock:
+        assert describe_compile(model).startswith("block (eager fallback: 2 blocks, no graph captured (graph break: ")
+        assert "disable" in describe_compile(model)
+        assert warning.startswith("warning: model.config.compile=block ran eagerly in part: block (eager fallback")
+    else:
+        assert describe_compile(model) == "block" and warning is None
 
 
 def test_block_compile_refuses_zero3():

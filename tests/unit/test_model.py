@@ -132,7 +132,7 @@ def test_auto_falls_back_to_sdpa_once_when_fa4_fails(monkeypatch):
         tries.append(1)
         raise RuntimeError("no kernel for this GPU\ndetails")
 
-    monkeypatch.setattr(attention, "_auto_picks_fa4", lambda *args: True)
+    monkeypatch.setattr(attention, "_fa4_chosen", lambda device: True)
     monkeypatch.setattr(attention, "_fa4", broken)
     q, k, v = torch.randn(3, 1, 8, 2, 16).unbind(0)
     with pytest.warns(UserWarning, match=r"FlashAttention-4 failed \(RuntimeError: no kernel for this GPU\); using"):
@@ -140,6 +140,41 @@ def test_auto_falls_back_to_sdpa_once_when_fa4_fails(monkeypatch):
     torch.testing.assert_close(out, SDPAttention("math")(q, k, v))
     attention(q, k, v)
     assert len(tries) == 1 and attention.backend_used == "cpu-default"
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_auto_fa4_choice_traces_inside_a_checkpointed_block(monkeypatch, installed):
+    """`auto` decides FlashAttention-4 on the first (eager) call and reads the decision back while torch.compile
+    traces: traced, the check's import was a graph break ("Import failure" without FA4), which inside a checkpointed
+    block ran the whole block eagerly (the 14B's 480p defaults row on an H100 captured no graph). A CUDA device on
+    Hopper is simulated; the traced function must compile as one graph (fullgraph) and agree with the eager one."""
+    import torch.utils.checkpoint as cp
+
+    from toolkit.model import attention as module
+
+    monkeypatch.setattr(module.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    if installed:
+        monkeypatch.setattr(module, "fa4_installed", lambda: True)
+    else:
+        module.fa4_installed.cache_clear()
+        monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # its import fails
+    attention = SDPAttention("auto")
+    cuda = torch.device("cuda", 0)
+
+    def block(x):
+        return x + 2 if attention._fa4_chosen(cuda) else x + 1
+
+    def checkpointed(x):
+        return cp.checkpoint(block, x, use_reentrant=False)
+
+    x = torch.ones(3, requires_grad=True)
+    eager = checkpointed(x)  # the probe's eager call decides
+    torch._dynamo.reset()
+    compiled = torch.compile(checkpointed, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(compiled, eager)
+    assert eager[0].item() == (3.0 if installed else 2.0)
+    if not installed:
+        module.fa4_installed.cache_clear()  # cached under the failing import above
 
 
 class _CountAttention(TorchDispatchMode):

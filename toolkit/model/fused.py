@@ -22,6 +22,7 @@ Legend: B batch, S tokens, H heads, Dh head dim, T/Hs/Ws token grid, D width.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 
@@ -80,6 +81,13 @@ class _CompiledOrEager:
         # static shapes: a handful per function (q/k, text keys, the timestep norm), each with its own kernels
         self.compiled = torch.compile(fn, dynamic=False, options=options)
         self.failed: str | None = None
+        # Dynamo graphs its first compiled call captured (None before it): Dynamo falls back to eager silently
+        # where a frame graph-breaks before any op, so a compile that "succeeded" may have captured nothing
+        self.new_graphs: int | None = None
+        inner = fn
+        while isinstance(inner, functools.partial):  # a checkpointed block's forward
+            inner = inner.func
+        self.code = getattr(inner, "__code__", name)  # Dynamo caches per code object: blocks (and models) share one
 
     def __call__(self, *args, **kwargs):
         if self.probes_left:
@@ -88,11 +96,36 @@ class _CompiledOrEager:
             self.eager(*probe_args, **probe_kwargs)
         if self.failed is None:
             try:
-                return self.compiled(*args, **kwargs)
+                if self.new_graphs is not None:
+                    return self.compiled(*args, **kwargs)
+                before = dynamo_graph_count()
+                out = self.compiled(*args, **kwargs)
+                self.new_graphs = dynamo_graph_count() - before
+                _GRAPHS_BY_CODE[self.code] = _GRAPHS_BY_CODE.get(self.code, 0) + self.new_graphs
+                return out
             except _compiler_errors() as error:  # no triton, no C compiler, an unsupported op, ...
                 self.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                 warnings.warn(f"torch.compile of {self.name} failed, running it eagerly ({self.failed})")
         return self.eager(*args, **kwargs)
+
+
+_GRAPHS_BY_CODE: dict = {}
+"""Graphs the first calls of `_CompiledOrEager`s captured, per code object, in this process."""
+
+
+def dynamo_graph_count() -> int:
+    """Graphs Dynamo has captured in this process (its `unique_graphs` counter)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def dynamo_graph_breaks(limit: int = 5) -> dict[str, int]:
+    """The first line of each graph-break reason Dynamo recorded in this process, with its count (most frequent first)."""
+    from torch._dynamo.utils import counters
+
+    reasons = sorted(counters["graph_break"].items(), key=lambda item: -item[1])[:limit]
+    return {reason.strip().splitlines()[0][:200]: count for reason, count in reasons}
 
 
 def _compiler_errors() -> tuple[type[BaseException], ...]:
@@ -159,9 +192,18 @@ def apply_compile(model: nn.Module, mode: str, device: torch.device | str) -> st
 
 
 def block_compile_failures(model: nn.Module) -> dict[str, str]:
-    """Blocks whose compilation failed under `compile=block` (they ran eagerly), with the reason."""
-    return {fn.name: fn.failed for block in getattr(model, "blocks", ())
-            if isinstance(fn := vars(block).get("forward"), _CompiledOrEager) and fn.failed}
+    """Blocks whose compilation failed under `compile=block` (they ran eagerly), with the reason. Blocks share one
+    code object, so the first block's call captures the graph the others reuse: where every block has been called
+    and no call of that code captured a graph, Dynamo skipped the frame (a graph break before any op) and all of
+    them ran eagerly."""
+    compiled = [fn for block in getattr(model, "blocks", ()) if isinstance(fn := vars(block).get("forward"), _CompiledOrEager)]
+    failed = {fn.name: fn.failed for fn in compiled if fn.failed}
+    called = [fn for fn in compiled if not fn.failed and fn.new_graphs is not None]
+    if called and len(called) + len(failed) == len(compiled) and not any(_GRAPHS_BY_CODE.get(fn.code) for fn in called):
+        breaks = dynamo_graph_breaks(1)
+        reason = f"graph break: {next(iter(breaks))}" if breaks else "Dynamo captured no graph"
+        failed.update({fn.name: f"no graph captured ({reason})" for fn in called})
+    return failed
 
 
 def describe_compile(model: nn.Module) -> str:

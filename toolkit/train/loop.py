@@ -284,6 +284,8 @@ def train(session: Session, log=print) -> dict:
         window_steps += 1
         losses.append(loss)
         progress.update(1)
+        if iteration == start + 1 and topo.is_main and (fallback := _compile_fallback(session)):
+            progress.write(fallback)
         if iteration % cfg.trainer.logging_iter == 0 or iteration == cfg.trainer.max_iter:
             values = _log_values(session, losses[-1], lr, window_steps, window_start, step_flops, tokens, skipped)
             if topo.is_main:
@@ -307,6 +309,18 @@ def train(session: Session, log=print) -> dict:
     progress.close()
     session.tracker.finish()
     return {"iteration": iteration, "losses": losses, "skipped_steps": skipped, "preempted": preemption.requested, "validation": val_history}
+
+
+def _compile_fallback(session: Session) -> str | None:
+    """After the first step: a warning where `torch.compile` of the model ran eagerly in part or whole (a compiler
+    error, or Dynamo skipping a block's frame without one), which costs speed but not correctness."""
+    from toolkit.model.fused import describe_compile
+
+    described = describe_compile(session.assembled.model)
+    if "eager fallback" not in described:
+        return None
+    return (f"warning: model.config.compile={session.assembled.compile} ran eagerly in part: {described}; the step "
+            "is slower than planned (try model.config.compile=elementwise; TORCH_LOGS=graph_breaks shows why)")
 
 
 def _format_val(entry: dict) -> str:
