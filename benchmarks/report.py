@@ -91,9 +91,19 @@ def _rows(prefix: str) -> list[dict]:
     return [json.loads(p.read_text()) | {"file": p.name} for p in sorted(RESULTS.glob(f"{prefix}_*.json"))]
 
 
+def compile_used(r: dict) -> str:
+    """The row's compile mode as it ran: a `block` row whose Dynamo captured no graph (`compiled_graphs` 0; a graph
+    break inside a checkpointed block, such as `attention_backend=auto`'s traced FlashAttention-4 check before the fix)
+    ran its blocks eagerly."""
+    mode = r.get("compile", "none")
+    if mode == "block" and r.get("compiled_graphs") == 0:
+        return "none (block captured no graph)"
+    return mode
+
+
 def _kernels(r: dict) -> tuple:
     """(card, size, resolution, compile, attention kernel): one GPU running the same kernels as row `r`."""
-    return card(r.get("gpu")), r["size"], r["resolution"], r.get("compile", "none"), r["attention_backend"]
+    return card(r.get("gpu")), r["size"], r["resolution"], compile_used(r), r["attention_backend"]
 
 
 def _kernel_and_zero(r: dict) -> tuple:
@@ -114,7 +124,7 @@ def _reference_times(rows: list[dict], key=_kernels) -> dict[tuple, float]:
 def _configuration(r: dict) -> tuple:
     """Everything but the GPU count that sets a row's step: the base of its scaling where no 1-GPU row exists."""
     return (card(r.get("gpu")), r["size"], r["resolution"], r["zero_stage"], r["checkpointing"], r["attention_backend"],
-            r.get("compile", "none"), r.get("sp") == r["world_size"])
+            compile_used(r), r.get("sp") == r["world_size"])
 
 
 def _smallest_runs(rows: list[dict]) -> dict[tuple, tuple[int, float]]:
@@ -152,7 +162,7 @@ def train_table(rows: list[dict], fa4_rates: dict[tuple, float] | None = None) -
             marked.add(mark)
         lines.append(
             f"| {card(r.get('gpu'))} | {r['mode']} | {r['size']} | {r['resolution']}p | {r['world_size']} | {r['sp']} | {r['zero_stage']} | {r['checkpointing']} "
-            f"| {r['attention_backend']} | {r.get('compile', 'none')} | {r['median_s_per_iter']:.2f} | {r['samples_per_s']:.3f} "
+            f"| {r['attention_backend']} | {compile_used(r)} | {r['median_s_per_iter']:.2f} | {r['samples_per_s']:.3f} "
             f"| {r['tokens_per_s_per_gpu']:,.0f} | {r['mfu']:.1%} | {_floor(r, 'train'):.0%} | {scaling} | {r.get('peak_allocated_gib', 0):.1f} | {r.get('peak_reserved_gib', 0):.1f} "
             f"| {r['first_loss']:.5f} | {r.get('tag', '')} |"
         )

@@ -288,7 +288,8 @@ run gen14b 4 150 $TR --nproc_per_node=4 $GT --size 14B --resolution 720 --sp 4 -
 # --vae tiny --t5 tiny --resolution 480 --num_frames 93), after the benchmark row with the defaults at batch 1:
 # 1 iteration and a checkpoint; a relaunch to 2 resumes; a relaunch naming the ZeRO-3 JSON is refused (another
 # ZeRO stage). Named only.
-# (its Dynamo graph breaks and recompiles go to all.log: its first run recorded no compiled graph)
+# (its Dynamo graph breaks and recompiles go to all.log: its first run captured no graph, a traced FA4 check with
+# attention_backend=auto, fixed since; the row's `compiled_graphs` and `graph_breaks` show it is gone)
 run cli 1 240 env CUDA_VISIBLE_DEVICES=0 TORCH_LOGS=graph_breaks,recompiles python3 $TT --size 14B --resolution 480 --checkpointing auto --steps 2 --tag defaults
 if selected cli && [ -n "${E2E_SHARDS:-}" ]; then
   CLI=(-m toolkit.train --experiment predict2_video2world_lora_training_14b_custom_data

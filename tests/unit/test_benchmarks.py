@@ -70,6 +70,18 @@ def test_scaling_falls_back_to_another_compile_mode_of_the_same_zero_stage_marke
     assert any(line.startswith("† against the fastest 1-GPU row") for line in lines)
 
 
+def test_a_block_row_that_captured_no_graph_shows_and_scales_as_eager():
+    """A `block` row whose Dynamo captured no graph ran its blocks eagerly (the 14B's 480p defaults row): the table
+    says so and does not take it as the 1-GPU base of block rows."""
+    h100 = "NVIDIA H100 80GB HBM3"
+    rows = [_row(h100, 1, 10.0, compile="block", compiled_graphs=0), _row(h100, 1, 12.0, compile="block", compiled_graphs=2),
+            _row(h100, 2, 6.0, compile="block", compiled_graphs=2)]
+    lines = train_table(rows)
+    assert sum("| none (block captured no graph) |" in line for line in lines) == 1
+    sp2 = next(line for line in lines if "| 2 | 2 |" in line)
+    assert "| 100% |" in sp2  # 12.0 / (2 x 6.0): against the block row that compiled, not the 10.0 s one
+
+
 def test_scaling_without_a_one_gpu_row_is_against_the_fewest_gpus_of_the_same_configuration():
     """The 14B at 720p fits no single H100 with its base replicated: its SP=4 rows scale against its SP=2 row of the
     same policy, kernels and compile mode, per GPU-second, marked; another policy's SP=4 row gets no figure."""
