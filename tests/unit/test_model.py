@@ -177,6 +177,20 @@ def test_auto_fa4_choice_traces_inside_a_checkpointed_block(monkeypatch, install
         module.fa4_installed.cache_clear()  # cached under the failing import above
 
 
+def test_auto_fa4_call_traces_inside_a_checkpointed_block(monkeypatch):
+    """`auto` with FlashAttention-4 chosen: the call, its fallback guard (try/except) included, compiles as one graph
+    inside a checkpoint (FA4's kernel stands in as a traceable function; the real one is a custom op)."""
+    import torch.utils.checkpoint as cp
+
+    attention = SDPAttention("auto")
+    monkeypatch.setattr(attention, "_fa4_chosen", lambda device: True)
+    monkeypatch.setattr(attention, "_fa4", lambda q, k, v: q * 2 + k + v)
+    x = torch.ones(1, 4, 2, 8, requires_grad=True)
+    torch._dynamo.reset()
+    out = torch.compile(lambda x: cp.checkpoint(attention, x, x, x, use_reentrant=False), fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(out, x.detach() * 4)
+
+
 class _CountAttention(TorchDispatchMode):
     def __init__(self):
         super().__init__()
