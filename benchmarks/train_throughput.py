@@ -196,9 +196,9 @@ def _alternate(step_fn, model, steps: int, device) -> dict:
 def _compile_stats(model) -> dict:
     from torch._dynamo.utils import counters
 
-    from toolkit.model.fused import describe_compile, dynamo_graph_breaks
+    from toolkit.model.fused import describe_compile, dynamo_graph_breaks, dynamo_graph_count
 
-    return {"compile": describe_compile(model), "compiled_graphs": counters["stats"].get("unique_graphs", 0),
+    return {"compile": describe_compile(model), "compiled_graphs": dynamo_graph_count(),
             "compiled_frames_ok": counters["frames"].get("ok", 0), "graph_breaks": dynamo_graph_breaks()}
 
 

@@ -81,9 +81,9 @@ class _CompiledOrEager:
         # static shapes: a handful per function (q/k, text keys, the timestep norm), each with its own kernels
         self.compiled = torch.compile(fn, dynamic=False, options=options)
         self.failed: str | None = None
-        # Dynamo graphs its first compiled call captured (None before it): Dynamo falls back to eager silently
-        # where a frame graph-breaks before any op, so a compile that "succeeded" may have captured nothing
-        self.new_graphs: int | None = None
+        # whether the compiled function has run: its first call adds the graphs it captured to _GRAPHS_BY_CODE, since
+        # Dynamo falls back to eager silently where a frame graph-breaks before any op
+        self.called = False
         inner = fn
         while isinstance(inner, functools.partial):  # a checkpointed block's forward
             inner = inner.func
@@ -96,12 +96,12 @@ class _CompiledOrEager:
             self.eager(*probe_args, **probe_kwargs)
         if self.failed is None:
             try:
-                if self.new_graphs is not None:
+                if self.called:
                     return self.compiled(*args, **kwargs)
                 before = dynamo_graph_count()
                 out = self.compiled(*args, **kwargs)
-                self.new_graphs = dynamo_graph_count() - before
-                _GRAPHS_BY_CODE[self.code] = _GRAPHS_BY_CODE.get(self.code, 0) + self.new_graphs
+                _GRAPHS_BY_CODE[self.code] = _GRAPHS_BY_CODE.get(self.code, 0) + dynamo_graph_count() - before
+                self.called = True
                 return out
             except _compiler_errors() as error:  # no triton, no C compiler, an unsupported op, ...
                 self.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
@@ -198,12 +198,17 @@ def block_compile_failures(model: nn.Module) -> dict[str, str]:
     them ran eagerly."""
     compiled = [fn for block in getattr(model, "blocks", ()) if isinstance(fn := vars(block).get("forward"), _CompiledOrEager)]
     failed = {fn.name: fn.failed for fn in compiled if fn.failed}
-    called = [fn for fn in compiled if not fn.failed and fn.new_graphs is not None]
+    called = [fn for fn in compiled if not fn.failed and fn.called]
     if called and len(called) + len(failed) == len(compiled) and not any(_GRAPHS_BY_CODE.get(fn.code) for fn in called):
         breaks = dynamo_graph_breaks(1)
         reason = f"graph break: {next(iter(breaks))}" if breaks else "Dynamo captured no graph"
         failed.update({fn.name: f"no graph captured ({reason})" for fn in called})
     return failed
+
+
+def compile_fell_back(model: nn.Module) -> bool:
+    """Whether any compiled part of `model` ran eagerly (a compiler error, or a block compile that captured no graph)."""
+    return bool(block_compile_failures(model) or elementwise_of(model).failures())
 
 
 def describe_compile(model: nn.Module) -> str:

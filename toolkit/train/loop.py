@@ -314,13 +314,13 @@ def train(session: Session, log=print) -> dict:
 def _compile_fallback(session: Session) -> str | None:
     """After the first step: a warning where `torch.compile` of the model ran eagerly in part or whole (a compiler
     error, or Dynamo skipping a block's frame without one), which costs speed but not correctness."""
-    from toolkit.model.fused import describe_compile
+    from toolkit.model.fused import compile_fell_back, describe_compile
 
-    described = describe_compile(session.assembled.model)
-    if "eager fallback" not in described:
+    model = session.assembled.model
+    if not compile_fell_back(model):
         return None
-    return (f"warning: model.config.compile={session.assembled.compile} ran eagerly in part: {described}; the step "
-            "is slower than planned (try model.config.compile=elementwise; TORCH_LOGS=graph_breaks shows why)")
+    return (f"warning: model.config.compile={session.assembled.compile} ran eagerly in part: {describe_compile(model)}; "
+            "the step is slower than planned (try model.config.compile=elementwise; TORCH_LOGS=graph_breaks shows why)")
 
 
 def _format_val(entry: dict) -> str:
